@@ -1,0 +1,405 @@
+"""Typed, strict configuration: nested dataclasses, YAML files, dotted command-line overrides.
+
+Precedence is defaults < YAML file < command line. Every key is checked: an unknown key is an error
+that names the nearest valid key, and a value of the wrong type is an error that names the key, the
+expected type and the value given. The resolved config is logged at start and stored in every
+checkpoint (`to_dict` / `from_dict` round-trip exactly).
+
+Command-line overrides take either form::
+
+    python -m lvface.train --config configs/demo.yaml train.epochs=3 --data.batch_size 64
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that says what to fix."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_t"
+    """Backbone variant: vit_t, vit_s, vit_b, vit_l, vit_h, or vit_demo (tiny, for CPUs)."""
+    num_features: int = 512
+    """Embedding size produced by the feature head."""
+    drop_path_rate: Optional[float] = None
+    """Stochastic depth; None keeps the variant's WebFace42M preset."""
+    mask_ratio: Optional[float] = None
+    """Fraction of tokens masked during training; None keeps the variant's preset."""
+    using_checkpoint: Optional[bool] = None
+    """Activation checkpointing of every block; None keeps the variant's preset."""
+    attn_impl: str = "sdpa"
+    """Attention path: sdpa (F.scaled_dot_product_attention) or math (explicit reference)."""
+
+
+@dataclass
+class DataConfig:
+    rec: str = ""
+    """Training RecordIO file (insightface layout: train.rec next to train.idx), or a folder holding train.rec."""
+    num_classes: int = 0
+    """Number of identities; 0 reads it from the data. A non-zero value must match the data."""
+    num_images: int = 0
+    """Number of training images; 0 reads it from the data (used for epoch length only)."""
+    batch_size: int = 128
+    """Images per rank per micro-step."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 decodes in the training process)."""
+    flip: bool = True
+    """Random horizontal flip."""
+
+
+@dataclass
+class StageConfig:
+    """One stage of the loss curriculum; stages are ordered and each ends at `end_epoch`."""
+
+    name: str = "early"
+    """Name used in logs and checkpoints."""
+    end_epoch: float = 40.0
+    """The stage is active for epochs [previous stage's end, end_epoch)."""
+    sample_rate: float = 1.0
+    """Partial-FC sample rate r: positives plus random negatives up to r * classes; 1.0 = no sampling."""
+    centers: str = "learned"
+    """Which class centers the margin softmax uses: learned (W), prototypes (EPL P), or both."""
+    prototype_weight: float = 0.5
+    """With centers=both: loss = (1 - w) * CE(W) + w * CE(P). 0.5 is the mean of the two."""
+    center_penalty: float = 0.0
+    """Weight of an optional penalty mean ||W_y - P_y||^2 pulling learned centers toward prototypes."""
+
+
+def _default_stages() -> list[StageConfig]:
+    # The paper's two-stage curriculum: learnable centers with Partial-FC sampling for 40 epochs,
+    # then no sampling and centers stabilised by EPL prototypes for 60 more.
+    return [
+        StageConfig(name="early", end_epoch=40.0, sample_rate=0.3, centers="learned"),
+        StageConfig(name="stable", end_epoch=100.0, sample_rate=1.0, centers="both", prototype_weight=0.5),
+    ]
+
+
+@dataclass
+class LossConfig:
+    scale: float = 64.0
+    """Logit scale s."""
+    m1: float = 1.0
+    """Multiplicative angular margin: target logit s * (cos(m1 * theta + m2) - m3)."""
+    m2: float = 0.5
+    """Additive angular margin (ArcFace 0.5)."""
+    m3: float = 0.0
+    """Additive cosine margin (CosFace 0.4)."""
+    gradient: str = "insightface"
+    """Margin gradient: insightface (margin shifts forward values only) or exact (true derivative)."""
+    stages: list[StageConfig] = field(default_factory=_default_stages)
+    """Curriculum stages in order; the last one's end_epoch should reach train.epochs."""
+    prototype_update: str = "adaptive"
+    """EPL prototype update: adaptive (similarity-adaptive factor) or momentum (fixed)."""
+    prototype_momentum: float = 0.9
+    """Fixed momentum a for prototype_update=momentum: P <- normalize(a * P + (1 - a) * mean)."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    """Optimizer of both the backbone (inside DeepSpeed) and the head (outside it)."""
+    lr: float = 1e-3
+    """Peak learning rate (after warmup), for a global batch of train.reference_batch_size if set."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; biases, norms, pos_embed and mask_token get none."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    head_lr: Optional[float] = None
+    """Learning rate of the class centers; None uses lr."""
+    head_weight_decay: Optional[float] = None
+    """Weight decay of the class centers; None uses weight_decay."""
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_epochs: float = 0.0
+    """Linear warmup from 0 to the peak learning rate, in epochs (used when warmup_steps is 0)."""
+    warmup_steps: int = 0
+    """Linear warmup length in optimizer steps; overrides warmup_epochs when > 0."""
+    decay: str = "polynomial"
+    """Decay after warmup: polynomial, cosine, or constant."""
+    power: float = 2.0
+    """Power of the polynomial decay (insightface uses 2)."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 100.0
+    """Training length in epochs."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps; 0 derives the length from epochs."""
+    seed: int = 2048
+    """Seed of parameters, data order and augmentation."""
+    precision: str = "auto"
+    """fp32, bf16, fp16, or auto (the DeepSpeed config's choice; bf16 on a GPU that has it, else fp32)."""
+    grad_clip: float = 5.0
+    """Gradient norm clipping of the backbone (DeepSpeed gradient_clipping); 0 disables."""
+    gradient_accumulation_steps: int = 1
+    """Micro-steps per optimizer step."""
+    log_every: int = 10
+    """Optimizer steps between progress lines."""
+    output_dir: str = "runs/lvface"
+    """Folder for checkpoints, the resolved config and logs."""
+
+
+@dataclass
+class EvalConfig:
+    bins: list[str] = field(default_factory=list)
+    """insightface .bin verification sets evaluated during training."""
+    every_steps: int = 0
+    """Optimizer steps between evaluations; 0 evaluates only at the start and the end."""
+    batch_size: int = 64
+    """Images per rank per forward during evaluation."""
+    at_start: bool = True
+    """Evaluate once before the first step (the untrained baseline)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Optimizer steps between checkpoints; 0 saves only at the end."""
+    keep_last: int = 2
+    """Checkpoints kept; older ones are removed after a newer one is complete."""
+    resume: str = ""
+    """'' starts fresh, 'auto' resumes from output_dir's latest checkpoint if any, or a checkpoint path."""
+    init_backbone: str = ""
+    """A plain backbone state_dict (insightface arcface_torch / LVFace .pt) loaded strictly before training."""
+
+
+@dataclass
+class MetricsConfig:
+    prometheus_port: int = 0
+    """Port of the Prometheus exporter on each rank (port + local rank); 0 disables it."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_CHOICES = {
+    "model.attn_impl": ("sdpa", "math"),
+    "loss.gradient": ("insightface", "exact"),
+    "loss.prototype_update": ("adaptive", "momentum"),
+    "loss.stages.centers": ("learned", "prototypes", "both"),
+    "optimizer.name": ("adamw",),
+    "schedule.decay": ("polynomial", "cosine", "constant"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Strict conversion from plain data
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp` and return it converted (int -> float only)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{where}' must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{where}' must be a list, got {value!r}")
+        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{where}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{where}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{where}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{where}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{where}': unsupported type {_type_name(tp)}")
+
+
+def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    full = f"{where}.{key}" if where else key
+    hint = f"; did you mean '{(where + '.') if where else ''}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{full}'{hint} (valid keys here: {', '.join(names)})")
+
+
+def _build(cls: type, data: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise _unknown_key(cls, key, where)
+        kwargs[key] = _convert(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def _check_choices(cfg: Config) -> None:
+    for dotted, allowed in _CHOICES.items():
+        parts = dotted.split(".")
+        if parts[:2] == ["loss", "stages"]:
+            values = [(f"loss.stages[{i}].{parts[2]}", getattr(s, parts[2])) for i, s in enumerate(cfg.loss.stages)]
+        else:
+            values = [(dotted, getattr(getattr(cfg, parts[0]), parts[1]))]
+        for name, value in values:
+            if value not in allowed:
+                raise ConfigError(f"config key '{name}' is {value!r}; choose one of {', '.join(allowed)}")
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that a type annotation cannot express."""
+    _check_choices(cfg)
+    if not cfg.loss.stages:
+        raise ConfigError("config key 'loss.stages' is empty; give at least one stage")
+    previous = 0.0
+    for i, stage in enumerate(cfg.loss.stages):
+        if stage.end_epoch <= previous:
+            raise ConfigError(
+                f"config key 'loss.stages[{i}].end_epoch' is {stage.end_epoch}, not after the previous "
+                f"stage's end {previous}; stages must be in increasing order"
+            )
+        if not 0.0 < stage.sample_rate <= 1.0:
+            raise ConfigError(f"config key 'loss.stages[{i}].sample_rate' is {stage.sample_rate}; it must be in (0, 1]")
+        if not 0.0 <= stage.prototype_weight <= 1.0:
+            raise ConfigError(f"config key 'loss.stages[{i}].prototype_weight' must be in [0, 1]")
+        previous = stage.end_epoch
+    for name in ("batch_size",):
+        if getattr(cfg.data, name) <= 0:
+            raise ConfigError(f"config key 'data.{name}' must be positive")
+    if cfg.train.gradient_accumulation_steps <= 0:
+        raise ConfigError("config key 'train.gradient_accumulation_steps' must be positive")
+    if len(cfg.optimizer.betas) != 2:
+        raise ConfigError("config key 'optimizer.betas' must have two numbers")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------------
+
+
+def from_dict(data: dict) -> Config:
+    """A Config from plain data (a parsed YAML file, or a checkpoint's stored config)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    return validate(_build(Config, data))
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """Turn ['train.epochs=3', '--data.batch_size', '64'] into a nested dict of YAML-parsed values."""
+    nested: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--") and "=" not in arg:
+            if i + 1 >= len(args):
+                raise ConfigError(f"command-line override '{arg}' has no value; write {arg} VALUE or {arg[2:]}=VALUE")
+            key, raw = arg[2:], args[i + 1]
+            i += 2
+        elif "=" in arg:
+            key, raw = arg.lstrip("-").split("=", 1)
+            i += 1
+        else:
+            raise ConfigError(f"command-line argument '{arg}' is not an override; write section.key=value")
+        if "." not in key:
+            raise ConfigError(f"command-line override '{key}' must be dotted as section.key (e.g. train.epochs=3)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"command-line override '{key}': cannot parse value {raw!r}: {exc}") from exc
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command-line override '{key}' conflicts with another override")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    return data or {}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < YAML file at `path` < dotted overrides. Errors name the file or key at fault."""
+    data = load_yaml(path) if path else {}
+    try:
+        if overrides:
+            data = _merge(data, parse_overrides(overrides))
+        return from_dict(data)
+    except ConfigError as exc:
+        if path:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise

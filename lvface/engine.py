@@ -1,0 +1,182 @@
+"""The DeepSpeed engine for the backbone, the learning-rate schedule, and one training step.
+
+The engine wraps the backbone only (DESIGN.md): DeepSpeed broadcasts rank 0's parameters at start and
+averages gradients over ranks, which would destroy a class-sharded head. The head keeps its own
+optimizer, and both step at the gradient-accumulation boundary.
+
+DeepSpeed JSON configs may say "auto" for the values that lvface's own config decides (batch sizes,
+accumulation, clipping, optimizer hyper-parameters, precision); those are filled in here. A concrete
+value that contradicts lvface's config is an error rather than a silent winner.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lvface.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSpeed configuration
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_precision(cfg: Config, ds: dict, device: torch.device) -> str:
+    """fp32, bf16 or fp16 from lvface's train.precision and the DeepSpeed config's bf16/fp16 blocks."""
+    ds_choice = None
+    for name in ("bf16", "fp16"):
+        enabled = ds.get(name, {}).get("enabled", False)
+        if enabled is True:
+            ds_choice = name
+    precision = cfg.train.precision
+    if precision == "auto":
+        if ds_choice:
+            return ds_choice
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+    if ds_choice and ds_choice != precision:
+        raise ConfigError(
+            f"train.precision is {precision} but the DeepSpeed config enables {ds_choice}; "
+            f"set one of them to auto or make them agree"
+        )
+    return precision
+
+
+def _fill(block: dict, key: str, value, where: str) -> None:
+    current = block.get(key, "auto")
+    if current == "auto":
+        block[key] = value
+    elif isinstance(value, float) and isinstance(current, (int, float)) and math.isclose(current, value, rel_tol=1e-9):
+        return
+    elif current != value:
+        raise ConfigError(
+            f"DeepSpeed config '{where + '.' if where else ''}{key}' is {current!r} but lvface's config implies {value!r}; "
+            f"write \"auto\" there to take lvface's value, or change the lvface config"
+        )
+
+
+def build_ds_config(ds_path: str | Path | dict, cfg: Config, world_size: int, device: torch.device) -> dict:
+    """Load a DeepSpeed JSON config and fill its "auto" fields from lvface's config."""
+    if isinstance(ds_path, dict):
+        ds = copy.deepcopy(ds_path)
+        where = "<dict>"
+    else:
+        path = Path(ds_path)
+        if not path.is_file():
+            raise ConfigError(f"DeepSpeed config {path} not found; pass an existing JSON file to --ds_config")
+        try:
+            ds = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from exc
+        where = str(path)
+    try:
+        micro = cfg.data.batch_size
+        accum = cfg.train.gradient_accumulation_steps
+        _fill(ds, "train_micro_batch_size_per_gpu", micro, "")
+        _fill(ds, "gradient_accumulation_steps", accum, "")
+        _fill(ds, "train_batch_size", micro * accum * world_size, "")
+        _fill(ds, "gradient_clipping", float(cfg.train.grad_clip), "")
+        opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+        if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
+            raise ConfigError(f"DeepSpeed config 'optimizer.type' is {opt.get('type')!r}; lvface trains with AdamW")
+        params = opt.setdefault("params", {})
+        _fill(params, "lr", float(cfg.optimizer.lr), "optimizer.params")
+        _fill(params, "weight_decay", float(cfg.optimizer.weight_decay), "optimizer.params")
+        _fill(params, "betas", [float(b) for b in cfg.optimizer.betas], "optimizer.params")
+        _fill(params, "eps", float(cfg.optimizer.eps), "optimizer.params")
+        if "scheduler" in ds:
+            raise ConfigError("DeepSpeed config has a 'scheduler' block; lvface's schedule section drives the "
+                              "learning rate of both the backbone and the head: remove the block")
+        precision = resolve_precision(cfg, ds, device)
+        for name in ("bf16", "fp16"):
+            block = ds.setdefault(name, {})
+            block["enabled"] = precision == name
+        ds.setdefault("steps_per_print", 10**9)  # lvface prints its own progress line
+        ds.setdefault("wall_clock_breakdown", False)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Learning-rate schedule: one function of the optimizer step, shared by the backbone and the head
+# --------------------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, decay: str, power: float, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based).
+
+    Linear warmup over `warmup_steps` (the first step already moves: (step + 1) / warmup), then
+    polynomial (1 - progress) ** power, cosine, or constant decay from 1 to `min_ratio`.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "constant":
+        return 1.0
+    span = max(total_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / span, 1.0)
+    if decay == "polynomial":
+        shape = (1.0 - progress) ** power
+    elif decay == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ConfigError(f"schedule.decay {decay!r} is not one of polynomial, cosine, constant")
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def build_lr_lambda(cfg: Config, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
+    sched = cfg.schedule
+    warmup = sched.warmup_steps if sched.warmup_steps > 0 else int(round(sched.warmup_epochs * steps_per_epoch))
+    return lambda step: lr_factor(step, total_steps, warmup, sched.decay, sched.power, sched.min_lr_ratio)
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------------
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: set[str]) -> list[dict]:
+    """Two AdamW groups: decayed weights, and the parameters named in `no_decay` (norms, biases, ...)."""
+    decay, plain = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (plain if name in no_decay else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def build_engine(backbone: torch.nn.Module, ds_config: dict, groups: list[dict], lr_lambda: Callable[[int], float]):
+    """deepspeed.initialize over the backbone alone, with a LambdaLR that DeepSpeed steps per optimizer step."""
+    import deepspeed
+
+    def make_scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=backbone, model_parameters=groups, config=ds_config, lr_scheduler=make_scheduler
+    )
+    return engine
+
+
+def engine_loss_scale(engine) -> float:
+    """The fp16 dynamic loss scale DeepSpeed multiplies the loss by in backward (1.0 otherwise)."""
+    if not engine.fp16_enabled():
+        return 1.0
+    return float(getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", 1.0)))
+
+
+def model_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
