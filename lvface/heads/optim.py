@@ -1,0 +1,132 @@
+"""The head's AdamW: over W_local, outside the DeepSpeed engine.
+
+The engine would broadcast rank 0's parameters and average gradients over ranks, both of which destroy
+class sharding, so the head keeps its own optimizer over its shard (already partitioned: ZeRO would add
+nothing). It steps at the gradient-accumulation boundary, beside engine.step().
+
+Sampled rows only (default, `sparse_rows=True`). With Partial-FC sampling a class that was not sampled
+in any micro-batch of the step has a zero gradient. Plain AdamW would still decay its weight and move
+it with its stale first moment (m <- b1 * m; W -= lr * m_hat / ...): a class that is sampled 30% of the
+time would drift on the other 70% of steps along a direction it no longer has evidence for. So only the
+rows the head reports as touched (`head.touched_rows()`: sampled in some micro-batch since the last
+step) get the AdamW update, decay and moment updates; each row counts its own steps for the bias
+correction (row_steps), so a row's update is exactly AdamW over the steps it took part in. Without
+sampling every row is touched and this is plain AdamW. `sparse_rows=False` gives the dense behaviour
+(every row, every step; the per-row step counts are then all equal to the global step).
+
+fp16: the engine scales the loss, so W.grad arrives multiplied by the loss scale. step(grad_scale=S)
+divides by S; when S != 1 the step is skipped (returns False) if the gradient of a stepped row is not
+finite, as the engine skips its own step on overflow. Updates run over blocks of rows, so the
+optimizer's temporaries stay small next to the W-sized moments.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class HeadAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled decay, torch.optim.AdamW's arithmetic) over `head.weight`, per-row step counts.
+
+    State (W-shaped fp32 unless W is fp64): exp_avg, exp_avg_sq; row_steps [C_local] int64.
+    The learning rate lives in param_groups[0]["lr"] (a scheduler sets it there).
+    """
+
+    def __init__(
+        self,
+        head,
+        *,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        sparse_rows: bool = True,
+        block_rows: int = 8192,
+    ):
+        if lr < 0.0 or eps < 0.0 or weight_decay < 0.0:
+            raise ValueError(f"head optimizer: lr, eps and weight_decay must be >= 0 (got {lr}, {eps}, {weight_decay})")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"head optimizer: betas must be two numbers in [0, 1), got {betas}")
+        super().__init__([head.weight], dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.head = head
+        self.sparse_rows = sparse_rows
+        self.block_rows = max(1, block_rows)
+        weight = head.weight
+        state = self.state[weight]
+        state["exp_avg"] = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        state["exp_avg_sq"] = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        state["row_steps"] = torch.zeros(weight.shape[0], dtype=torch.int64, device=weight.device)
+
+    @property
+    def exp_avg(self) -> torch.Tensor:
+        return self.state[self.head.weight]["exp_avg"]
+
+    @property
+    def exp_avg_sq(self) -> torch.Tensor:
+        return self.state[self.head.weight]["exp_avg_sq"]
+
+    @property
+    def row_steps(self) -> torch.Tensor:
+        return self.state[self.head.weight]["row_steps"]
+
+    def _update_block(self, weight, grad, exp_avg, exp_avg_sq, steps, grad_scale: float) -> None:
+        """One AdamW update of a block of rows, in place (views or gathered copies)."""
+        group = self.param_groups[0]
+        lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        if grad_scale != 1.0:
+            grad = grad / grad_scale
+        steps.add_(1)
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        t = steps.to(weight.dtype).unsqueeze(1)  # (c, 1)
+        bias1 = 1.0 - torch.pow(beta1, t)
+        bias2_sqrt = (1.0 - torch.pow(beta2, t)).sqrt()
+        weight.mul_(1.0 - lr * decay)
+        denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
+        weight.sub_(exp_avg / denom * (lr / bias1))
+
+    @torch.no_grad()
+    def step(self, grad_scale: float = 1.0) -> bool:
+        """Update W_local; returns False when nothing was applied (no gradient, or a non-finite one
+        under a loss scale). Clears the head's touched rows either way."""
+        head = self.head
+        weight, grad = head.weight, head.weight.grad
+        rows = head.touched_rows() if self.sparse_rows else None
+        try:
+            if grad is None or (rows is not None and rows.numel() == 0):
+                return False
+            if grad_scale != 1.0:
+                checked = grad if rows is None else grad.index_select(0, rows)
+                if not bool(torch.isfinite(checked).all()):
+                    return False
+            exp_avg, exp_avg_sq, row_steps = self.exp_avg, self.exp_avg_sq, self.row_steps
+            if rows is None:
+                for start in range(0, weight.shape[0], self.block_rows):
+                    block = slice(start, start + self.block_rows)
+                    self._update_block(
+                        weight[block], grad[block], exp_avg[block], exp_avg_sq[block], row_steps[block], grad_scale
+                    )
+                return True
+            for start in range(0, rows.numel(), self.block_rows):
+                index = rows[start : start + self.block_rows]
+                parts = [t.index_select(0, index) for t in (weight, exp_avg, exp_avg_sq, row_steps)]
+                self._update_block(parts[0], grad.index_select(0, index), parts[1], parts[2], parts[3], grad_scale)
+                for target, part in zip((weight, exp_avg, exp_avg_sq, row_steps), parts):
+                    target.index_copy_(0, index, part)
+            return True
+        finally:
+            head.clear_touched_rows()
+
+
+def build_head_optimizer(head, opt_cfg, *, sparse_rows: bool = True) -> HeadAdamW:
+    """AdamW over head.weight from an OptimizerConfig: head_lr / head_weight_decay, else lr / weight_decay.
+
+    sparse_rows: update only the rows sampled since the last step (see the module docstring); False
+    updates every row every step.
+    """
+    if opt_cfg.name != "adamw":
+        raise ValueError(f"optimizer.name {opt_cfg.name!r} is not supported by the head; use adamw")
+    lr = opt_cfg.head_lr if opt_cfg.head_lr is not None else opt_cfg.lr
+    decay = opt_cfg.head_weight_decay if opt_cfg.head_weight_decay is not None else opt_cfg.weight_decay
+    betas = tuple(opt_cfg.betas)
+    return HeadAdamW(head, lr=lr, betas=betas, eps=opt_cfg.eps, weight_decay=decay, sparse_rows=sparse_rows)
