@@ -51,17 +51,41 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     rec: str = ""
-    """Training RecordIO file (insightface layout: train.rec next to train.idx), or a folder holding train.rec."""
+    """Training data: a RecordIO file (insightface train.rec next to train.idx, header and identity records
+    allowed), a folder holding train.rec, or a folder of `lvface pack` shards (*.rec, each with its .idx)."""
     num_classes: int = 0
     """Number of identities; 0 reads it from the data. A non-zero value must match the data."""
     num_images: int = 0
-    """Number of training images; 0 reads it from the data (used for epoch length only)."""
+    """Number of training images; 0 reads it from the data. A non-zero value must match the data."""
     batch_size: int = 128
     """Images per rank per micro-step."""
+    loader: str = "auto"
+    """Decoding path: dali (GPU 'mixed' JPEG decode on CUDA, a CPU pipeline elsewhere), torch (DataLoader +
+    PIL, same order and augmentations), or auto (dali when nvidia-dali is installed, else torch)."""
     num_workers: int = 2
-    """DataLoader worker processes per rank (0 decodes in the training process)."""
+    """DataLoader worker processes per rank for loader=torch (0 decodes in the training process)."""
+    dali_threads: int = 4
+    """CPU threads of each rank's DALI pipeline (JPEG decode on a CPU pipeline, Huffman decode on GPU)."""
+    prefetch: int = 2
+    """Batches decoded ahead of the training step (DALI batches in flight; DataLoader prefetch per worker)."""
     flip: bool = True
-    """Random horizontal flip."""
+    """Random horizontal flip (probability 0.5)."""
+    crop_p: float = 0.0
+    """Probability of a scale/crop jitter: a square crop of side U(crop_min_scale, 1) x 112, resized to 112."""
+    crop_min_scale: float = 0.8
+    """Smallest crop side, as a fraction of the image side."""
+    color_p: float = 0.0
+    """Probability of a colour jitter: brightness, contrast and saturation factors U(1 - s, 1 + s)."""
+    color_strength: float = 0.3
+    """s of the colour jitter, in [0, 1)."""
+    grayscale_p: float = 0.0
+    """Probability of converting an image to grayscale (kept 3-channel)."""
+    blur_p: float = 0.0
+    """Probability of a Gaussian blur."""
+    blur_sigma: list[float] = field(default_factory=lambda: [0.3, 1.5])
+    """[low, high] range of the blur's sigma, in pixels."""
+    mask_p: float = 0.0
+    """Probability of a synthetic mask occluding the lower face (nose to chin) in a flat colour."""
 
 
 @dataclass
@@ -109,6 +133,10 @@ class LossConfig:
     """EPL prototype update: adaptive (similarity-adaptive factor) or momentum (fixed)."""
     prototype_momentum: float = 0.9
     """Fixed momentum a for prototype_update=momentum: P <- normalize(a * P + (1 - a) * mean)."""
+    impl: str = "chunked"
+    """Margin-softmax path: chunked (blockwise, never holds the [N, C_local] logits) or dense (reference)."""
+    chunk_mb: int = 64
+    """Memory budget of one chunk of the chunked path, in MiB."""
 
 
 @dataclass
@@ -127,6 +155,8 @@ class OptimizerConfig:
     """Learning rate of the class centers; None uses lr."""
     head_weight_decay: Optional[float] = None
     """Weight decay of the class centers; None uses weight_decay."""
+    head_sparse_rows: bool = True
+    """With Partial-FC sampling, update (and decay) only the centers sampled in the step; false: every row."""
 
 
 @dataclass
@@ -214,8 +244,10 @@ class Config:
 
 _CHOICES = {
     "model.attn_impl": ("sdpa", "math"),
+    "data.loader": ("auto", "dali", "torch"),
     "loss.gradient": ("insightface", "exact"),
     "loss.prototype_update": ("adaptive", "momentum"),
+    "loss.impl": ("chunked", "dense"),
     "loss.stages.centers": ("learned", "prototypes", "both"),
     "optimizer.name": ("adamw",),
     "schedule.decay": ("polynomial", "cosine", "constant"),

@@ -1,0 +1,171 @@
+"""Save and resume training: the DeepSpeed engine's shards, the head, the config, a plain backbone.
+
+A checkpoint is the folder `<output_dir>/checkpoints/<tag>/`. Nothing is ever left half-written under
+a name that resume would read: every file lvface writes goes to a temporary name and is renamed into
+place, and the `latest` pointer moves to a tag only after every rank has finished writing it. A crash
+mid-save leaves the previous checkpoint as the one that `resume=auto` picks.
+
+Contents of a tag folder:
+- DeepSpeed's own files (model states, ZeRO-partitioned optimizer states, the LR scheduler);
+- `head_shard_<rank>_of_<world>.pt`, one per rank: this rank's rows of the class centers W, the EPL
+  prototypes P and the head optimizer's moments (lvface/checkpoint_head.py), re-split on load when
+  the world size changed;
+- `config.yaml` (the resolved lvface config) and `train_state.json` (step, epoch, position);
+- `backbone.pt`: a plain fp32 state_dict with insightface arcface_torch key names, ready for
+  `load_state_dict(strict=True)`, evaluation and ONNX export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lvface.checkpoint_head import load_head_shards, save_head_shard
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def gathered_parameters(module: torch.nn.Module, stage: int):
+    """Full parameters on every rank for the duration (a no-op below ZeRO-3)."""
+    if stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def plain_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state_dict on the CPU with floating tensors in fp32."""
+    return {
+        key: (value.detach().float() if value.is_floating_point() else value.detach()).cpu().clone()
+        for key, value in module.state_dict().items()
+    }
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_tag(root: Path) -> str | None:
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    if not (root / tag).is_dir():
+        raise FileNotFoundError(f"{pointer} names checkpoint {tag!r} but {root / tag} does not exist")
+    return tag
+
+
+def save_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, config_yaml: str, train_state: dict,
+                    zero_stage: int, rank: int, group, keep_last: int) -> Path:
+    """Write checkpoint `tag` on every rank; returns its folder. Collective: every rank must call it."""
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / tag
+    engine.save_checkpoint(str(root), tag=tag, client_state={"lvface": train_state}, save_latest=False)
+    with gathered_parameters(engine.module, zero_stage):
+        backbone = plain_state_dict(engine.module) if rank == 0 else None
+    save_head_shard(folder, head, head_optimizer, extra={"step": train_state["step"]})
+    if rank == 0:
+        atomic_torch_save(backbone, folder / "backbone.pt")
+        atomic_write_text(folder / "config.yaml", config_yaml)
+        atomic_write_text(folder / "train_state.json", json.dumps(train_state, indent=1))
+    dist.barrier(group=group)
+    if rank == 0:
+        atomic_write_text(root / LATEST, tag)
+        _prune(root, keep_last)
+        log.info("checkpoint %s written", folder)
+    dist.barrier(group=group)
+    return folder
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
+    for old in tags[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> tuple[Path, str] | None:
+    """(root, tag) to resume from: '' none, 'auto' the latest under output_dir if any, or a tag folder."""
+    if not resume:
+        return None
+    if resume == "auto":
+        root = checkpoint_root(output_dir)
+        tag = latest_tag(root)
+        return (root, tag) if tag else None
+    folder = Path(resume)
+    if (folder / LATEST).is_file():
+        return folder, latest_tag(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint.resume={resume}: no such checkpoint folder; give a tag folder, a "
+                                f"checkpoints folder with a '{LATEST}' file, or 'auto'")
+    return folder.parent, folder.name
+
+
+def load_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer) -> dict:
+    """Restore engine, head and head optimizer from (root, tag); returns the saved train_state."""
+    # The head first: a class-count mismatch is refused with both numbers before DeepSpeed loads anything.
+    load_head_shards(root / tag, head, head_optimizer)
+    load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} under {root}")
+    log.info("resumed from %s", root / tag)
+    return client_state["lvface"]
+
+
+def load_backbone_file(path: str | Path, module: torch.nn.Module) -> None:
+    """Strictly load a plain backbone state_dict (insightface arcface_torch, LVFace, or our backbone.pt)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint.init_backbone={path}: no such file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path} does not match the configured backbone (model.name): {exc}") from None
+
+
+def _reshard_command(args) -> int:
+    from lvface.checkpoint_head import reshard_head_checkpoint
+
+    written = reshard_head_checkpoint(args.src, args.dst, args.world_size)
+    print(f"wrote {len(written)} head shards for {args.world_size} ranks into {args.dst}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """`lvface reshard SRC DST --world-size N`: re-split a checkpoint's head shards offline."""
+    parser = subparsers.add_parser(
+        "reshard", help="re-split the head shards of a checkpoint for another world size (offline)")
+    parser.add_argument("src", help="checkpoint tag folder holding head_shard_*_of_*.pt files")
+    parser.add_argument("dst", help="empty folder for the new shard files")
+    parser.add_argument("--world-size", type=int, required=True, help="number of ranks to split the classes over")
+    parser.set_defaults(func=_reshard_command)

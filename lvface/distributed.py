@@ -1,0 +1,126 @@
+"""Rank discovery and process groups for every way lvface is launched.
+
+- deepspeed launcher and torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are set.
+- mpirun / mpiexec (Open MPI or MPICH, with mpi4py): DeepSpeed's own MPI discovery fills them in.
+- srun under SLURM without a launcher: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, and the first host
+  of SLURM_JOB_NODELIST as the master.
+- a plain `python -m lvface.train` process: a world of one on 127.0.0.1 and a free port.
+
+Nothing here runs at import time and no rank is kept in a module global: `init_distributed` returns a
+`DistInfo` that the trainer passes down, and the process group every collective names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+_REQUIRED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str
+    group: dist.ProcessGroup | None
+    """The group of all ranks: data-parallel for the backbone, class-parallel for the head."""
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    if shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    # Without scontrol: "node[01-04,07],gpu5" -> "node01"
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        return prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+    return head
+
+
+def detect_launcher(env: dict | None = None) -> str:
+    """Which launcher started this process: env, mpi, slurm, or single."""
+    env = os.environ if env is None else env
+    if all(k in env for k in _REQUIRED):
+        return "env"
+    if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env or "PMIX_RANK" in env:
+        return "mpi"
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return "slurm"
+    return "single"
+
+
+def _fill_env(launcher: str) -> None:
+    env = os.environ
+    if launcher == "slurm":
+        env.setdefault("RANK", env["SLURM_PROCID"])
+        env.setdefault("WORLD_SIZE", env["SLURM_NTASKS"])
+        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+        env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+        env.setdefault("MASTER_PORT", "29500")
+    elif launcher == "single":
+        env.setdefault("RANK", "0")
+        env.setdefault("WORLD_SIZE", "1")
+        env.setdefault("LOCAL_RANK", "0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(free_port()))
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (which picks nccl on CUDA, gloo on the CPU)."""
+    import deepspeed  # imported here: importing deepspeed probes the accelerator
+
+    launcher = detect_launcher()
+    _fill_env(launcher)
+    deepspeed.init_distributed(
+        auto_mpi_discovery=(launcher == "mpi"),
+        timeout=timedelta(minutes=timeout_minutes),
+        verbose=False,
+    )
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    # The head's class-parallel group and the backbone's data-parallel group are the same: the world.
+    group = dist.new_group(ranks=list(range(world_size)))
+    log.info("rank %d/%d (local %d) launched by %s on %s, backend %s", rank, world_size, local_rank,
+             launcher, device, dist.get_backend(group))
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, launcher=launcher, group=group,
+                    device=device)
+
+
+def setup_logging(rank: int, level: int = logging.INFO) -> None:
+    """Rank 0 speaks at `level`; other ranks only warn (set LVFACE_ALL_RANKS_LOG=1 to hear everyone)."""
+    all_ranks = os.environ.get("LVFACE_ALL_RANKS_LOG") == "1"
+    logging.basicConfig(
+        level=level if (rank == 0 or all_ranks) else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
