@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import time
 from contextlib import nullcontext
 
 import torch
 
+from lvface.distributed import describe_device
 from lvface.models import VIT_VARIANTS, build_vit, count_parameters, forward_flops_per_image
 
 log = logging.getLogger("bench_backbone")
@@ -46,11 +46,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="write the records to this JSON file")
     return parser.parse_args(argv)
 
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def synchronize(device: torch.device) -> None:
@@ -93,7 +88,7 @@ def bench_one(name: str, batch: int, dtype: str, device: torch.device, warmup: i
         "step_ms": 1e3 * seconds / steps,
         "params": count_parameters(model),
         "gflops_per_image": flops / 1e9,
-        "device_name": device_name(device),
+        "device_name": describe_device(device),
         "torch": torch.__version__,
     }
 
@@ -112,7 +107,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     device = torch.device(args.device)
-    log.info("device %s, torch %s", device_name(device), torch.__version__)
+    log.info("device %s, torch %s", describe_device(device), torch.__version__)
     records = []
     for name in args.models:
         for dtype in args.dtype:

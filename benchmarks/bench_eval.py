@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lvface.distributed import describe_device
 from lvface.export import DEFAULT_OPSET, INPUT_NAME, export_onnx
 from lvface.models import VIT_VARIANTS, build_vit
 
@@ -45,11 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="write the records to this JSON file")
     return parser.parse_args(argv)
 
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def time_calls(call, warmup: int, iters: int, sync=lambda: None) -> float:
@@ -96,7 +91,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     import onnxruntime as ort
 
-    log.info("device %s, torch %s, onnxruntime %s", device_name(device), torch.__version__, ort.__version__)
+    log.info("device %s, torch %s, onnxruntime %s", describe_device(device), torch.__version__, ort.__version__)
     records = []
     images = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (args.batch, 3, 112, 112)).astype(np.float32))
     for name in args.models:
@@ -111,7 +106,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             records.append({
                 "backend": backend, "model": name, "batch": args.batch,
                 "images_per_s": args.batch * args.iters / seconds, "ms_per_batch": 1e3 * seconds / args.iters,
-                "threads": threads, "device": device.type, "device_name": device_name(device),
+                "threads": threads, "device": device.type, "device_name": describe_device(device),
                 "torch": torch.__version__, "onnxruntime": ort.__version__,
                 "opset": args.opset if backend == "onnxruntime" else None,
             })

@@ -124,3 +124,12 @@ def setup_logging(rank: int, level: int = logging.INFO) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+
+
+def describe_device(device: torch.device) -> str:
+    """A device's name for logs and benchmark records: the GPU's model, or the CPU and its thread count."""
+    import platform
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"

@@ -102,3 +102,27 @@ def test_missing_data_and_missing_idx_are_one_line_errors(demo_data, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert ".idx" in proc.stderr and str(lonely) in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _losses(run_dir: Path) -> list[float]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(run_dir / "metrics.parquet").to_pydict()
+    return [loss for loss in table["loss"] if loss is not None]
+
+
+def test_torchrun_and_mpirun_train_the_same_steps(demo_data, tmp_path):
+    """The same 3 steps launched by torchrun (env://) and by mpirun (DeepSpeed's MPI discovery through
+    mpi4py) give the same losses: rank discovery changes nothing but how ranks meet."""
+    common = ["--config", str(REPO / "configs" / "demo.yaml"), f"data.rec={demo_data / 'train.rec'}",
+              "eval.bins=[]", "train.max_steps=3", "train.log_every=1"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port()), "-m", "lvface.train", *common, f"train.output_dir={tmp_path / 'torchrun'}"]
+    mpirun = ["bash", str(REPO / "launch" / "mpirun.sh"), "-np", "2", "--", *common,
+              f"train.output_dir={tmp_path / 'mpirun'}"]
+    for cmd in (torchrun, mpirun):
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    first, second = _losses(tmp_path / "torchrun"), _losses(tmp_path / "mpirun")
+    assert len(first) == 3
+    assert first == pytest.approx(second, rel=1e-6)
