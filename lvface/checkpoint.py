@@ -21,6 +21,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -85,7 +87,12 @@ def save_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, confi
     """Write checkpoint `tag` on every rank; returns its folder. Collective: every rank must call it."""
     root.mkdir(parents=True, exist_ok=True)
     folder = root / tag
-    engine.save_checkpoint(str(root), tag=tag, client_state={"lvface": train_state}, save_latest=False)
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+    # The (empty) universal-checkpoint info lets DeepSpeed's ds_to_universal convert this checkpoint
+    # when it is resumed on another world size: a pure data-parallel backbone needs no patterns.
+    client_state = {"lvface": train_state, UNIVERSAL_CHECKPOINT_INFO: {}}
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     with gathered_parameters(engine.module, zero_stage):
         backbone = plain_state_dict(engine.module) if rank == 0 else None
     save_head_shard(folder, head, head_optimizer, extra={"step": train_state["step"]})
@@ -127,13 +134,57 @@ def resolve_resume(resume: str, output_dir: str | Path) -> tuple[Path, str] | No
     return folder.parent, folder.name
 
 
-def load_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer) -> dict:
-    """Restore engine, head and head optimizer from (root, tag); returns the saved train_state."""
+def prepare_resume(root: Path, tag: str, *, world_size: int, rank: int, group, ds_config: dict) -> Path:
+    """The folder DeepSpeed loads the engine of checkpoint `tag` from. Collective; call before the engine
+    is built.
+
+    On the world size that saved it: `root` itself. On another world size DeepSpeed refuses ZeRO-1/2
+    optimizer partitions of a different count, so rank 0 converts the checkpoint once into DeepSpeed's
+    universal format (`root/universal/<tag>`, by deepspeed.checkpoint.ds_to_universal, written to a
+    temporary name and renamed), and the engine is told to load universal checkpoints. The head's
+    shards are re-split by lvface itself (lvface/checkpoint_head.py).
+    """
+    state_file = root / tag / "train_state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{state_file} is missing: {root / tag} is not a complete lvface checkpoint")
+    saved_world = json.loads(state_file.read_text())["world_size"]
+    if saved_world == world_size:
+        return root
+    universal = root / "universal"
+    if rank == 0 and not (universal / tag / "zero").is_dir():
+        universal.mkdir(exist_ok=True)
+        tmp = universal / f".{tag}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("converting %s (%d ranks) to a DeepSpeed universal checkpoint for %d ranks", root / tag,
+                 saved_world, world_size)
+        proc = subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
+             "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+            capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"deepspeed.checkpoint.ds_to_universal failed on {root / tag}:\n{proc.stderr[-3000:]}")
+        os.replace(tmp, universal / tag)
+    dist.barrier(group=group)
+    ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    return universal
+
+
+def load_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, engine_root: Path | None = None) -> dict:
+    """Restore engine, head and head optimizer from (root, tag); returns the saved train_state.
+    `engine_root` is where DeepSpeed's files are read (prepare_resume's answer; default `root`)."""
     # The head first: a class-count mismatch is refused with both numbers before DeepSpeed loads anything.
     load_head_shards(root / tag, head, head_optimizer)
-    load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
+    engine_root = engine_root or root
+    load_path, client_state = engine.load_checkpoint(str(engine_root), tag=tag)
     if load_path is None:
-        raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} under {root}")
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} under {engine_root}")
+    if engine_root != root:
+        # A universal checkpoint restores parameters and optimizer state but not module buffers
+        # (BatchNorm running statistics): take them from the checkpoint's plain backbone.
+        saved = torch.load(root / tag / "backbone.pt", map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for name, buffer in engine.module.named_buffers():
+                buffer.copy_(saved[name])
     log.info("resumed from %s", root / tag)
     return client_state["lvface"]
 

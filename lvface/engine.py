@@ -138,6 +138,14 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, decay: str, power:
     return min_ratio + (1.0 - min_ratio) * shape
 
 
+def set_schedule_position(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put a LambdaLR at optimizer step `step` (after a resume, possibly with another global batch)."""
+    scheduler.last_epoch = step
+    for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def build_lr_lambda(cfg: Config, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
     sched = cfg.schedule
     warmup = sched.warmup_steps if sched.warmup_steps > 0 else int(round(sched.warmup_epochs * steps_per_epoch))

@@ -48,7 +48,7 @@ class PrometheusMetrics:
         self.enabled = port > 0
         if not self.enabled:
             return
-        from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+        from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
         self.registry = CollectorRegistry()
         labels = {"rank": str(rank)}
@@ -59,14 +59,13 @@ class PrometheusMetrics:
             "step": "Optimizer steps taken",
             "epoch": "Fractional epoch",
             "verification_accuracy": "Last 10-fold verification accuracy",
+            "bad_records": "Records of this rank skipped because they failed to decode (since start)",
         }
         self.gauges = {}
         for name, doc in names.items():
             extra = ("set",) if name == "verification_accuracy" else ()
             gauge = Gauge(f"lvface_{name}", doc, ("rank",) + extra, registry=self.registry)
             self.gauges[name] = gauge
-        self.bad_records = Counter("lvface_bad_records", "Records skipped because they failed to decode",
-                                   ("rank",), registry=self.registry).labels(**labels)
         self.labels = labels
         start_http_server(port + local_rank, registry=self.registry)
         log.info("Prometheus metrics on port %d", port + local_rank)

@@ -27,10 +27,10 @@ import torch.distributed as dist
 
 from lvface import checkpoint as ckpt
 from lvface.config import Config, ConfigError, load_config
-from lvface.data.loader import RecordDataset
-from lvface.data.sampler import ResumableDistributedSampler
+from lvface.data.loader import build_train_loader
 from lvface.distributed import DistInfo, init_distributed, setup_logging
-from lvface.engine import build_ds_config, build_engine, build_lr_lambda, engine_loss_scale, param_groups, zero_stage
+from lvface.engine import (build_ds_config, build_engine, build_lr_lambda, engine_loss_scale, param_groups,
+                           set_schedule_position, zero_stage)
 from lvface.eval.callback import VerificationCallback
 from lvface.heads import ShardedMarginHead, build_head_optimizer, stage_for_epoch
 from lvface.metrics import ParquetLog, PrometheusMetrics, Throughput, format_duration
@@ -59,37 +59,6 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_rec(cfg: Config) -> Path:
-    if not cfg.data.rec:
-        raise ConfigError("data.rec is empty; set it to a train.rec file (next to its train.idx), "
-                          "e.g. data.rec=demo_data/train.rec, or run `lvface synth --out DIR` first")
-    path = Path(cfg.data.rec)
-    if path.is_dir():
-        path = path / "train.rec"
-    if not path.is_file():
-        raise FileNotFoundError(f"data.rec={cfg.data.rec}: {path} not found; point data.rec at an insightface "
-                                f"train.rec (or create one with `lvface synth --out DIR`)")
-    return path
-
-
-def build_data(cfg: Config, info: DistInfo):
-    dataset = RecordDataset(resolve_rec(cfg), train=True, flip_p=0.5 if cfg.data.flip else 0.0, seed=cfg.train.seed)
-    num_classes = dataset.num_classes
-    if cfg.data.num_classes and cfg.data.num_classes != num_classes:
-        raise ConfigError(f"data.num_classes is {cfg.data.num_classes} but {cfg.data.rec} holds {num_classes} "
-                          f"identities; set data.num_classes=0 to read it from the data")
-    sampler = ResumableDistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, seed=cfg.train.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True,
-        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-        pin_memory=info.device.type == "cuda",
-    )
-    if len(loader) < cfg.train.gradient_accumulation_steps:
-        raise ConfigError(f"{cfg.data.rec}: {len(dataset)} images give {len(loader)} batches of {cfg.data.batch_size} "
-                          f"per rank on {info.world_size} ranks: lower data.batch_size")
-    return dataset, sampler, loader, num_classes
-
-
 def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(argv)
     # config
@@ -101,13 +70,22 @@ def main(argv: list[str] | None = None) -> dict:
     # seed
     seed_everything(cfg.train.seed, info.rank)
     # data
-    dataset, sampler, loader, num_classes = build_data(cfg, info)
+    loader = build_train_loader(cfg.data, rank=info.rank, world_size=info.world_size, seed=cfg.train.seed,
+                                device=info.device)
+    num_classes = loader.num_classes
     accum = cfg.train.gradient_accumulation_steps
-    steps_per_epoch = len(loader) // accum
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    if loader.batches_per_epoch < accum:
+        raise ConfigError(f"{cfg.data.rec}: {loader.num_images} images give {loader.batches_per_epoch} batches of "
+                          f"{cfg.data.batch_size} per rank on {info.world_size} ranks, fewer than "
+                          f"train.gradient_accumulation_steps={accum}: lower data.batch_size")
+    # Progress is counted in samples, so that a resume on another world size (another global batch)
+    # lands at the same epoch, stage and learning rate.
     images_per_step = cfg.data.batch_size * accum * info.world_size
-    log.info("%d images, %d identities; %d optimizer steps per epoch of %d images; %d steps in all",
-             len(dataset), num_classes, steps_per_epoch, images_per_step, total_steps)
+    samples_per_epoch = loader.batches_per_epoch * cfg.data.batch_size * info.world_size
+    steps_per_epoch = samples_per_epoch / images_per_step
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    log.info("%d images, %d identities; %.1f optimizer steps per epoch of %d images; %d steps in all",
+             loader.num_images, num_classes, steps_per_epoch, images_per_step, total_steps)
     # model
     overrides_model = {k: v for k, v in (("drop_path_rate", cfg.model.drop_path_rate),
                                          ("mask_ratio", cfg.model.mask_ratio),
@@ -116,9 +94,12 @@ def main(argv: list[str] | None = None) -> dict:
                          **overrides_model)
     if cfg.checkpoint.init_backbone:
         ckpt.load_backbone_file(cfg.checkpoint.init_backbone, backbone)
-    # DeepSpeed engine (backbone only)
+    # DeepSpeed engine (backbone only); a resume on another world size loads a universal checkpoint
     ds_config = build_ds_config(args.ds_config, cfg, info.world_size, info.device)
-    lr_lambda = build_lr_lambda(cfg, total_steps, steps_per_epoch)
+    resume = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.train.output_dir)
+    engine_root = resume and ckpt.prepare_resume(*resume, world_size=info.world_size, rank=info.rank,
+                                                 group=info.group, ds_config=ds_config)
+    lr_lambda = build_lr_lambda(cfg, total_steps, round(steps_per_epoch))
     groups = param_groups(backbone, cfg.optimizer.weight_decay, no_weight_decay_names(backbone))
     engine = build_engine(backbone, ds_config, groups, lr_lambda)
     stage_zero = zero_stage(ds_config)
@@ -129,15 +110,17 @@ def main(argv: list[str] | None = None) -> dict:
     head_scheduler = torch.optim.lr_scheduler.LambdaLR(head_optimizer, lr_lambda)
     # checkpointer
     root = ckpt.checkpoint_root(cfg.train.output_dir)
-    step, samples_into_epoch = 0, 0
-    resume = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.train.output_dir)
+    samples_seen, epoch, position = 0, 0, 0
     if resume:
-        state = ckpt.load_checkpoint(*resume, engine=engine, head=head, head_optimizer=head_optimizer)
-        step = state["step"]
-        head_scheduler.last_epoch = step  # DeepSpeed restores the backbone's scheduler itself
-        for group, base_lr in zip(head_optimizer.param_groups, head_scheduler.base_lrs):
-            group["lr"] = base_lr * lr_lambda(step)
-        samples_into_epoch = (step % steps_per_epoch) * accum * cfg.data.batch_size
+        state = ckpt.load_checkpoint(*resume, engine=engine, head=head, head_optimizer=head_optimizer,
+                                     engine_root=engine_root)
+        samples_seen, epoch, position = state["samples_seen"], state["epoch"], state["position"]
+        if state["world_size"] != info.world_size:
+            log.info("resuming a %d-rank checkpoint on %d ranks: the head was re-split, the step counter "
+                     "continues from the samples seen", state["world_size"], info.world_size)
+    step = samples_seen // images_per_step
+    set_schedule_position(engine.lr_scheduler, step)
+    set_schedule_position(head_scheduler, step)
     # metrics
     prometheus = PrometheusMetrics(cfg.metrics.prometheus_port, info.rank, info.local_rank)
     parquet = ParquetLog(Path(cfg.train.output_dir) / "metrics.parquet", enabled=info.is_main)
@@ -155,24 +138,21 @@ def main(argv: list[str] | None = None) -> dict:
         return results
 
     def save() -> None:
-        epoch = step // steps_per_epoch
-        state = {"step": step, "epoch": epoch, "samples_into_epoch": (step % steps_per_epoch) * accum
-                 * cfg.data.batch_size, "world_size": info.world_size, "stage": head.stage.name}
+        state = {"step": step, "samples_seen": samples_seen, "epoch": epoch, "position": loader.position(),
+                 "world_size": info.world_size, "stage": head.stage.name}
         ckpt.save_checkpoint(root, f"step{step:08d}", engine=engine, head=head, head_optimizer=head_optimizer,
                              config_yaml=cfg.to_yaml(), train_state=state, zero_stage=stage_zero, rank=info.rank,
                              group=info.group, keep_last=cfg.checkpoint.keep_last)
         parquet.flush()
 
     first_results = evaluate() if (verifier and cfg.eval.at_start and step == 0) else {}
-    head.set_stage(stage_for_epoch(cfg.loss.stages, step / steps_per_epoch))
+    head.set_stage(stage_for_epoch(cfg.loss.stages, samples_seen / samples_per_epoch))
 
     # the loop
     throughput = Throughput(images_per_step, total_steps, start_step=step)
     loss_sum = torch.zeros((), device=info.device)
     loss_count = 0
-    epoch = step // steps_per_epoch
-    sampler.set_epoch(epoch)
-    sampler.set_start(samples_into_epoch)
+    loader.set_epoch(epoch, start_sample=position)
     batches = iter(loader)
     engine.train()
     first_loss = last_loss = None
@@ -182,11 +162,10 @@ def main(argv: list[str] | None = None) -> dict:
                 images, labels = next(batches)
             except StopIteration:
                 epoch += 1
-                sampler.set_epoch(epoch)
+                loader.set_epoch(epoch)
                 batches = iter(loader)
                 images, labels = next(batches)
-            images = images.to(info.device, next(engine.module.parameters()).dtype, non_blocking=True)
-            labels = labels.to(info.device, non_blocking=True)
+            images = images.to(dtype=next(engine.module.parameters()).dtype)
             embeddings = engine(images)
             loss = head(embeddings.float(), labels)
             engine.backward(loss)
@@ -201,8 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
             loss_sum += loss.detach()
             loss_count += 1
         step += 1
-
-        head.set_stage(stage_for_epoch(cfg.loss.stages, step / steps_per_epoch))  # logs a switch
+        samples_seen += images_per_step
+        progress = samples_seen / samples_per_epoch  # fractional epoch
+        head.set_stage(stage_for_epoch(cfg.loss.stages, progress))  # logs a switch
         if step % cfg.train.log_every == 0 or step == total_steps:
             dist.all_reduce(loss_sum, group=info.group)
             mean_loss = loss_sum.item() / (loss_count * info.world_size)
@@ -213,12 +193,12 @@ def main(argv: list[str] | None = None) -> dict:
             images_per_s, eta = throughput.tick(step)
             lr = engine.get_lr()[0]
             log.info("step %d/%d epoch %.2f stage %s loss %.4f lr %.3e %.1f img/s eta %s", step, total_steps,
-                     step / steps_per_epoch, head.stage.name, mean_loss, lr, images_per_s,
+                     progress, head.stage.name, mean_loss, lr, images_per_s,
                      format_duration(eta))
-            prometheus.update(loss=mean_loss, lr=lr, images_per_second=images_per_s, step=step,
-                              epoch=step / steps_per_epoch)
-            parquet.append(step=step, epoch=step / steps_per_epoch, loss=mean_loss, lr=lr,
-                           images_per_s=images_per_s)
+            prometheus.update(loss=mean_loss, lr=lr, images_per_second=images_per_s, step=step, epoch=progress,
+                              bad_records=loader.bad_records)
+            parquet.append(step=step, epoch=progress, loss=mean_loss, lr=lr, images_per_s=images_per_s,
+                           bad_records=loader.bad_records)
         if verifier and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
             evaluate()
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total_steps:
@@ -226,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     last_results = evaluate() if verifier else {}
     save()
+    loader.close()
     summary = {"steps": step, "first_loss": first_loss, "last_loss": last_loss,
                "first_accuracy": {k: float(v["accuracy"]) for k, v in first_results.items()},
                "last_accuracy": {k: float(v["accuracy"]) for k, v in last_results.items()},
