@@ -15,7 +15,6 @@ import logging
 import math
 import random
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file by the deepspeed launcher: make `import lvface` work
@@ -26,9 +25,9 @@ import torch
 import torch.distributed as dist
 
 from lvface import checkpoint as ckpt
-from lvface.config import Config, ConfigError, load_config
+from lvface.config import ConfigError, load_config
 from lvface.data.loader import build_train_loader
-from lvface.distributed import DistInfo, init_distributed, setup_logging
+from lvface.distributed import init_distributed, setup_logging
 from lvface.engine import (build_ds_config, build_engine, build_lr_lambda, engine_loss_scale, param_groups,
                            set_schedule_position, zero_stage)
 from lvface.eval.callback import VerificationCallback
