@@ -84,10 +84,15 @@ class PrometheusMetrics:
 class ParquetLog:
     """Rows of logged metrics, rewritten atomically as one Parquet file at each flush."""
 
-    def __init__(self, path: str | Path, enabled: bool):
+    def __init__(self, path: str | Path, enabled: bool, keep_existing: bool = False):
+        """`keep_existing`: start from the rows already in `path` (a resumed run appends to its log)."""
         self.path = Path(path)
         self.enabled = enabled
         self.rows: list[dict] = []
+        if enabled and keep_existing and self.path.is_file():
+            import pyarrow.parquet as pq
+
+            self.rows = pq.read_table(self.path).to_pylist()
 
     def append(self, **row) -> None:
         if self.enabled:

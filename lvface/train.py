@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     set_schedule_position(head_scheduler, step)
     # metrics
     prometheus = PrometheusMetrics(cfg.metrics.prometheus_port, info.rank, info.local_rank)
-    parquet = ParquetLog(Path(cfg.train.output_dir) / "metrics.parquet", enabled=info.is_main)
+    parquet = ParquetLog(Path(cfg.train.output_dir) / "metrics.parquet", enabled=info.is_main,
+                         keep_existing=bool(resume))
     verifier = VerificationCallback(cfg.eval.bins, cfg.eval.batch_size, rank=info.rank, world_size=info.world_size,
                                     group=info.group, device=info.device)
     if info.is_main:

@@ -36,6 +36,13 @@ def test_parquet_log_round_trip(tmp_path):
     assert table == {"lfw_accuracy": [None, 0.7], "loss": [3.0, 2.5], "step": [1, 2]}
     assert [p.name for p in tmp_path.iterdir()] == ["m.parquet"]  # no temporary left behind
 
+    resumed = ParquetLog(tmp_path / "m.parquet", enabled=True, keep_existing=True)
+    resumed.append(step=3, loss=2.0)
+    resumed.flush()
+    assert pq.read_table(tmp_path / "m.parquet").to_pydict()["step"] == [1, 2, 3]
+    fresh = ParquetLog(tmp_path / "m.parquet", enabled=True)
+    assert fresh.rows == []
+
 
 def test_throughput_and_duration():
     meter = Throughput(images_per_step=100, total_steps=10)

@@ -85,6 +85,7 @@ def test_deepspeed_zero2_demo_learns(demo_run):
 
 
 def _run_single(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """`python -m lvface.train` on the demo config (output in tmp_path/run unless args say otherwise)."""
     cmd = [sys.executable, "-m", "lvface.train", "--config", str(REPO / "configs" / "demo.yaml"),
            f"train.output_dir={tmp_path / 'run'}", *args]
     return subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
@@ -161,3 +162,23 @@ def test_resume_on_another_world_size(demo_data, demo_run, tmp_path):
     whole = torch.load(new / "head_shard_00000_of_00001.pt", weights_only=True)
     for key in ("weight", "prototypes", "exp_avg", "exp_avg_sq", "row_steps"):
         assert torch.equal(torch.cat([half[key] for half in halves]), whole[key]), key
+
+
+def test_resume_continues_exactly(demo_data, tmp_path):
+    """4 steps in one go equal 2 steps, a stop, and a resume for 2 more: same losses and learning rates
+    (data position, head sampling counter, both optimizers and the schedule are all restored). All 4
+    steps lie in the warmup, where the schedule does not depend on max_steps."""
+    common = [f"data.rec={demo_data / 'train.rec'}", "eval.bins=[]", "train.log_every=1"]
+    runs = [(tmp_path / "straight", ["train.max_steps=4"]),
+            (tmp_path / "resumed", ["train.max_steps=2"]),
+            (tmp_path / "resumed", ["train.max_steps=4", "checkpoint.resume=auto"])]
+    for out, extra in runs:
+        proc = _run_single([*common, f"train.output_dir={out}", *extra], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    import pyarrow.parquet as pq
+
+    straight = pq.read_table(tmp_path / "straight" / "metrics.parquet").to_pydict()
+    resumed = pq.read_table(tmp_path / "resumed" / "metrics.parquet").to_pydict()
+    assert resumed["step"] == straight["step"] == [1, 2, 3, 4]
+    assert resumed["loss"] == straight["loss"]
+    assert resumed["lr"] == straight["lr"]
