@@ -29,23 +29,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lvface.checkpoint_head import load_head_shards, save_head_shard
+from lvface.checkpoint_head import atomic_torch_save, load_head_shards, save_head_shard
+from lvface.data.recordio import atomic_open
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_open(str(path), "w") as handle:
+        handle.write(text)
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lvface.data.recordio import atomic_open
 from lvface.heads.sharded_softmax import shard_range
 
 log = logging.getLogger(__name__)
@@ -38,14 +39,14 @@ def shard_file_name(rank: int, world_size: int) -> str:
     return f"head_shard_{rank:05d}_of_{world_size:05d}.pt"
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save to a temporary file next to `path`, flushed to disk, renamed over `path` (recordio's
+    atomic_open), then the folder synced so the rename itself is durable."""
+    with atomic_open(str(path)) as handle:
         torch.save(obj, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
+    try:
         fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -86,7 +87,7 @@ def save_head_shard(path_dir, head, opt, extra: dict | None = None) -> Path:
     directory = Path(path_dir)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / shard_file_name(head.rank, head.world_size)
-    _atomic_save(_shard_payload(head, opt, extra), path)
+    atomic_torch_save(_shard_payload(head, opt, extra), path)
     if head.world_size > 1:
         dist.barrier(group=head.group)
     return path
@@ -232,7 +233,7 @@ def reshard_head_checkpoint(src_dir, dst_dir, new_world_size: int) -> list[Path]
             keep = key not in _OPT_KEYS or shards.has_optimizer
             payload[key] = shards.rows(key, start, count).clone() if keep else None
         path = destination / shard_file_name(rank, new_world_size)
-        _atomic_save(payload, path)
+        atomic_torch_save(payload, path)
         written.append(path)
     log.info(
         "resharded head checkpoint %s (%d ranks) -> %s (%d ranks)",

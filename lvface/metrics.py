@@ -7,9 +7,10 @@ The progress line and the Parquet log are rank 0's; every rank may serve Prometh
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
+
+from lvface.data.recordio import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,5 @@ class ParquetLog:
         keys = sorted({k for row in self.rows for k in row})
         table = pa.table({k: [row.get(k) for row in self.rows] for k in keys})
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.path)
+        with atomic_open(str(self.path)) as handle:
+            pq.write_table(table, handle)
