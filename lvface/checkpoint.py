@@ -1,28 +1,39 @@
 """Save and resume training: the DeepSpeed engine's shards, the head, the config, a plain backbone.
 
-A checkpoint is the folder `<output_dir>/checkpoints/<tag>/`. Nothing is ever left half-written under
-a name that resume would read: every file lvface writes goes to a temporary name and is renamed into
-place, and the `latest` pointer moves to a tag only after every rank has finished writing it. A crash
-mid-save leaves the previous checkpoint as the one that `resume=auto` picks.
+A checkpoint is the folder `<output_dir>/checkpoints/samples<N>/`, named by the samples the run had
+seen (N, 12 digits), so that checkpoints of runs on different world sizes cannot collide. Nothing is
+ever written into an existing checkpoint folder: a save writes `.samples<N>.partial-<run>/`, every
+rank hashes its share of the files, rank 0 writes `manifest.json` (lvface/checkpoint_manifest.py) and
+renames the folder into place, and only then moves the `latest` pointer. A crash or a failed write
+mid-save leaves the previous checkpoint and `latest` as they were; resume checks every file against
+the manifest and falls back to the newest checkpoint that is intact, naming the damaged file.
 
 Contents of a tag folder:
 - DeepSpeed's own files (model states, ZeRO-partitioned optimizer states, the LR scheduler);
 - `head_shard_<rank>_of_<world>.pt`, one per rank: this rank's rows of the class centers W, the EPL
   prototypes P and the head optimizer's moments (lvface/checkpoint_head.py), re-split on load when
   the world size changed;
-- `config.yaml` (the resolved lvface config) and `train_state.json` (step, epoch, position);
+- `config.yaml` (the resolved lvface config) and `train_state.json` (samples seen, epoch, position,
+  world size, run id);
 - `backbone.pt`: a plain fp32 state_dict with insightface arcface_torch key names, ready for
-  `load_state_dict(strict=True)`, evaluation and ONNX export.
+  `load_state_dict(strict=True)`, evaluation and ONNX export;
+- `manifest.json`: every file's size and SHA-256, the run id and the samples seen.
+
+`CheckpointManager` is the trainer's one place to decide "save now" (interval, end, preemption) and to
+remove old checkpoints: only this run's own, by samples seen, never the one just written.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,11 +41,28 @@ import torch
 import torch.distributed as dist
 
 from lvface.checkpoint_head import atomic_torch_save, load_head_shards, save_head_shard
+from lvface.checkpoint_manifest import (MANIFEST, CheckpointCorrupt, check_files, checkpoint_files, describe_files,
+                                        manifest_digest, manifest_text, read_manifest, verify_file)
+from lvface.config import ConfigError
 from lvface.data.recordio import atomic_open
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+TAG_PATTERN = re.compile(r"^samples(\d{12})$")
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed (disk full, permission, ...): the message names the path and the reason; the
+    previous checkpoint and `latest` are untouched."""
+
+
+def tag_for(samples_seen: int) -> str:
+    return f"samples{samples_seen:012d}"
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -66,6 +94,14 @@ def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def list_tags(root: Path) -> list[str]:
+    """Checkpoint tags under `root` (complete or not), oldest first by samples seen."""
+    if not root.is_dir():
+        return []
+    return sorted((p.name for p in root.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name)),
+                  key=lambda name: int(TAG_PATTERN.match(name).group(1)))
+
+
 def latest_tag(root: Path) -> str | None:
     pointer = root / LATEST
     if not pointer.is_file():
@@ -76,56 +112,222 @@ def latest_tag(root: Path) -> str | None:
     return tag
 
 
+def run_of(folder: Path) -> str | None:
+    """The run id recorded in a checkpoint's manifest (None when unreadable)."""
+    try:
+        return read_manifest(folder).get("run_id")
+    except CheckpointCorrupt:
+        return None
+
+
+def _describe_error(exc: BaseException, where: Path) -> str:
+    if isinstance(exc, OSError):
+        path = exc.filename or where
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.ENOSPC:
+            reason = f"no space left on device ({shutil.disk_usage(where.parent).free >> 20} MiB free)"
+        return f"{path}: {reason}"
+    try:
+        free = shutil.disk_usage(where.parent).free
+    except OSError:
+        free = None
+    hint = f" (no space left on device: {free >> 20} MiB free)" if free is not None and free < (64 << 20) else ""
+    return f"{where}: {type(exc).__name__}: {exc}{hint}"
+
+
+def _agree(error: str | None, group, world_size: int) -> list[str]:
+    """Every rank's error (None = fine) on every rank; also a barrier."""
+    if world_size == 1:
+        return [error] if error else []
+    errors: list[str | None] = [None] * world_size
+    dist.all_gather_object(errors, error, group=group)
+    return [e for e in errors if e]
+
+
+def _nonfinite_tensors(named: dict[str, torch.Tensor]) -> list[str]:
+    return [name for name, tensor in named.items()
+            if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
 def save_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, config_yaml: str, train_state: dict,
-                    zero_stage: int, rank: int, group, keep_last: int) -> Path:
-    """Write checkpoint `tag` on every rank; returns its folder. Collective: every rank must call it."""
-    root.mkdir(parents=True, exist_ok=True)
+                    zero_stage: int, rank: int, world_size: int, group) -> Path | None:
+    """Write checkpoint `tag` on every rank (see the module docstring); returns its folder, or None when
+    this run already holds a complete checkpoint of that name (nothing to add). Collective."""
     folder = root / tag
+    run_id = train_state["run_id"]
+    if folder.exists():
+        if run_of(folder) == run_id and not check_files(folder, []):
+            log.info("checkpoint %s already holds this state: not written again", folder)
+            return None
+        raise CheckpointSaveError(f"{folder} exists and is not this run's ({run_id}) checkpoint: lvface never writes "
+                                  f"into an existing checkpoint folder; choose another train.output_dir")
+    # A checkpoint never holds non-finite values: refuse before anything is written.
+    named = {f"backbone.{k}": v for k, v in engine.module.state_dict().items()}
+    named.update({"head.weight": head.weight, "head.prototypes": head.prototypes})
+    bad = _nonfinite_tensors(named) if zero_stage < 3 else _nonfinite_tensors(
+        {"head.weight": head.weight, "head.prototypes": head.prototypes})
+    errors = _agree(f"rank {rank}: non-finite values in {', '.join(bad[:5])}" if bad else None, group, world_size)
+    if errors:
+        raise CheckpointSaveError(f"not saving {folder}: {'; '.join(errors)}")
+
+    staging = root / f".{tag}.partial-{run_id}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a save of this run that crashed
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
     # The (empty) universal-checkpoint info lets DeepSpeed's ds_to_universal convert this checkpoint
     # when it is resumed on another world size: a pure data-parallel backbone needs no patterns.
     client_state = {"lvface": train_state, UNIVERSAL_CHECKPOINT_INFO: {}}
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    with gathered_parameters(engine.module, zero_stage):
-        backbone = plain_state_dict(engine.module) if rank == 0 else None
-    save_head_shard(folder, head, head_optimizer, extra={"step": train_state["step"]})
-    if rank == 0:
-        atomic_torch_save(backbone, folder / "backbone.pt")
-        atomic_write_text(folder / "config.yaml", config_yaml)
-        atomic_write_text(folder / "train_state.json", json.dumps(train_state, indent=1))
-    dist.barrier(group=group)
-    if rank == 0:
-        atomic_write_text(root / LATEST, tag)
-        _prune(root, keep_last)
-        log.info("checkpoint %s written", folder)
-    dist.barrier(group=group)
+    try:
+        engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
+    except Exception as exc:  # DeepSpeed's own writes: torch.save's errors name no path or reason
+        # No collective after this point: the other ranks stop at their next one (collective timeout).
+        raise CheckpointSaveError(f"saving checkpoint {folder} failed while DeepSpeed wrote its files: "
+                                  f"{_describe_error(exc, staging)}; the previous checkpoint and {root / LATEST} "
+                                  f"are unchanged") from exc
+    error = None
+    try:
+        with gathered_parameters(engine.module, zero_stage):
+            backbone = plain_state_dict(engine.module) if rank == 0 else None
+        save_head_shard(staging, head, head_optimizer, extra={"samples_seen": train_state["samples_seen"]},
+                        barrier=False)
+        if rank == 0:
+            atomic_torch_save(backbone, staging / "backbone.pt")
+            atomic_write_text(staging / "config.yaml", config_yaml)
+            atomic_write_text(staging / "train_state.json", json.dumps(train_state, indent=1))
+    except (OSError, RuntimeError) as exc:
+        error = f"rank {rank}: {_describe_error(exc, staging)}"
+    errors = _agree(error, group, world_size)
+    if not errors:  # hash the files, spread over the ranks
+        names = checkpoint_files(staging)
+        try:
+            mine = describe_files(staging, names[rank::world_size])
+        except OSError as exc:
+            mine, error = {}, f"rank {rank}: {_describe_error(exc, staging)}"
+        errors = _agree(error, group, world_size)
+        if not errors and world_size > 1:
+            parts: list[dict] = [{}] * world_size
+            dist.all_gather_object(parts, mine, group=group)
+            mine = {k: v for part in parts for k, v in part.items()}
+    if not errors and rank == 0:
+        try:
+            info = {"run_id": run_id, "tag": tag, "samples_seen": train_state["samples_seen"],
+                    "world_size": world_size}
+            atomic_write_text(staging / MANIFEST, manifest_text(mine, info))
+            os.replace(staging, folder)
+            atomic_write_text(root / LATEST, tag)
+        except OSError as exc:
+            error = f"rank 0: {_describe_error(exc, staging)}"
+    errors = errors or _agree(error, group, world_size)
+    if errors:
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointSaveError(f"saving checkpoint {folder} failed: {'; '.join(errors)}; the previous "
+                                  f"checkpoint and {root / LATEST} are unchanged")
+    log.info("checkpoint %s written", folder)
     return folder
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def prune_checkpoints(root: Path, keep_last: int, run_id: str, keep: str) -> list[str]:
+    """Remove this run's checkpoints beyond the newest `keep_last` (by samples seen), never `keep`
+    (the one just written) nor another run's. Returns the removed tags."""
     if keep_last <= 0:
-        return
-    tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
-    for old in tags[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        return []
+    own = [tag for tag in list_tags(root) if run_of(root / tag) == run_id]
+    removed = []
+    for tag in own[:-keep_last]:
+        if tag != keep:
+            shutil.rmtree(root / tag, ignore_errors=True)
+            removed.append(tag)
+    return removed
 
 
-def resolve_resume(resume: str, output_dir: str | Path) -> tuple[Path, str] | None:
-    """(root, tag) to resume from: '' none, 'auto' the latest under output_dir if any, or a tag folder."""
+# --------------------------------------------------------------------------------------------------
+# resume: which checkpoint, verified
+# --------------------------------------------------------------------------------------------------
+
+
+def resume_candidates(resume: str, output_dir: str | Path) -> tuple[list[tuple[Path, str]], bool]:
+    """(root, tag) candidates, best first, and whether falling back to an older one is allowed.
+
+    '' none; 'auto' the checkpoints under output_dir (`latest`, then newest first); a checkpoints folder
+    the same; a tag folder only that one.
+    """
     if not resume:
-        return None
+        return [], False
     if resume == "auto":
         root = checkpoint_root(output_dir)
-        tag = latest_tag(root)
-        return (root, tag) if tag else None
-    folder = Path(resume)
-    if (folder / LATEST).is_file():
-        return folder, latest_tag(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint.resume={resume}: no such checkpoint folder; give a tag folder, a "
-                                f"checkpoints folder with a '{LATEST}' file, or 'auto'")
-    return folder.parent, folder.name
+    else:
+        folder = Path(resume)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"checkpoint.resume={resume}: no such checkpoint folder; give a tag folder, a "
+                                    f"checkpoints folder with a '{LATEST}' file, or 'auto'")
+        if not (folder / LATEST).is_file() and not list_tags(folder):
+            return [(folder.parent, folder.name)], False
+        root = folder
+    tags = list_tags(root)[::-1]
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = pointer.read_text().strip()
+        if named in tags:
+            tags.remove(named)
+            tags.insert(0, named)
+        elif (root / named).is_dir():
+            tags.insert(0, named)
+    return [(root, tag) for tag in tags], True
+
+
+def select_checkpoint(candidates: list[tuple[Path, str]], fallback: bool, *, rank: int, world_size: int,
+                      group) -> tuple[Path, str] | None:
+    """The first candidate whose files all match its manifest, checked by all ranks together (each
+    hashes a share). A damaged one is skipped with a warning naming the file; with no fallback (an
+    explicit tag folder) it is an error. Collective."""
+    problems_seen = []
+    for root, tag in candidates:
+        folder = root / tag
+        try:
+            names = sorted(read_manifest(folder)["files"])
+        except CheckpointCorrupt as exc:
+            problems = [str(exc)]
+        else:
+            mine = check_files(folder, names[rank::world_size])
+            problems = [p for part in _gather_lists(mine, group, world_size) for p in part]
+        if not problems:
+            if problems_seen:
+                log.warning("resuming from %s, the newest intact checkpoint", folder)
+            return root, tag
+        message = f"checkpoint {folder} is damaged: {'; '.join(problems)}"
+        if not fallback:
+            raise CheckpointCorrupt(message)
+        log.warning("%s; falling back to the previous checkpoint", message)
+        problems_seen.append(message)
+    if problems_seen:
+        raise CheckpointCorrupt(f"no intact checkpoint to resume from: {' | '.join(problems_seen)}; remove the damaged "
+                                f"folders, or start afresh in another train.output_dir")
+    return None
+
+
+def _gather_lists(mine: list, group, world_size: int) -> list[list]:
+    if world_size == 1:
+        return [mine]
+    parts: list[list] = [[]] * world_size
+    dist.all_gather_object(parts, mine, group=group)
+    return parts
+
+
+def refuse_foreign_checkpoints(output_dir: str | Path) -> None:
+    """A fresh run (checkpoint.resume='') in a folder that holds checkpoints is refused: its keep_last and
+    `latest` would mix with the earlier run's."""
+    root = checkpoint_root(output_dir)
+    tags = list_tags(root)
+    legacy = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step")) if root.is_dir() else []
+    if tags or legacy or (root / LATEST).is_file():
+        newest = (tags or legacy or ["?"])[-1]
+        run = run_of(root / newest) or "an earlier run"
+        raise ConfigError(f"train.output_dir={output_dir} already holds checkpoints of run {run} (newest "
+                          f"{root / newest}): resume that run with checkpoint.resume=auto, or choose a new "
+                          f"train.output_dir for a fresh run")
 
 
 def prepare_resume(root: Path, tag: str, *, world_size: int, rank: int, group, ds_config: dict) -> Path:
@@ -134,9 +336,11 @@ def prepare_resume(root: Path, tag: str, *, world_size: int, rank: int, group, d
 
     On the world size that saved it: `root` itself. On another world size DeepSpeed refuses ZeRO-1/2
     optimizer partitions of a different count, so rank 0 converts the checkpoint once into DeepSpeed's
-    universal format (`root/universal/<tag>`, by deepspeed.checkpoint.ds_to_universal, written to a
-    temporary name and renamed), and the engine is told to load universal checkpoints. The head's
-    shards are re-split by lvface itself (lvface/checkpoint_head.py).
+    universal format (by deepspeed.checkpoint.ds_to_universal, written to a temporary name and
+    renamed), and the engine is told to load universal checkpoints. The conversion is cached as
+    `root/universal/<tag>-<manifest digest>/<tag>`: a conversion of any other checkpoint of that name
+    (an earlier run in the same folder) is never reused. The head's shards are re-split by lvface
+    itself (lvface/checkpoint_head.py).
     """
     state_file = root / tag / "train_state.json"
     if not state_file.is_file():
@@ -144,9 +348,9 @@ def prepare_resume(root: Path, tag: str, *, world_size: int, rank: int, group, d
     saved_world = json.loads(state_file.read_text())["world_size"]
     if saved_world == world_size:
         return root
-    universal = root / "universal"
+    universal = root / "universal" / f"{tag}-{manifest_digest(root / tag)[:16]}"
     if rank == 0 and not (universal / tag / "zero").is_dir():
-        universal.mkdir(exist_ok=True)
+        universal.mkdir(parents=True, exist_ok=True)
         tmp = universal / f".{tag}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         log.info("converting %s (%d ranks) to a DeepSpeed universal checkpoint for %d ranks", root / tag,
@@ -183,11 +387,53 @@ def load_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, engin
     return client_state["lvface"]
 
 
+# --------------------------------------------------------------------------------------------------
+# the trainer's checkpointer
+# --------------------------------------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """Where and when the trainer saves, and which old checkpoints it removes.
+
+    One run (`run_id`) owns `<output_dir>/checkpoints`; `save` is collective and writes the state the
+    trainer passes; `due` is the one decision "save after this step" (the interval, the last step, a
+    preemption).
+    """
+
+    def __init__(self, output_dir: str | Path, *, run_id: str, every_steps: int, keep_last: int, zero_stage: int,
+                 config_yaml: str, rank: int, world_size: int, group):
+        self.root = checkpoint_root(output_dir)
+        self.run_id, self.every_steps, self.keep_last = run_id, every_steps, keep_last
+        self.zero_stage, self.config_yaml = zero_stage, config_yaml
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.last_saved: Path | None = None
+
+    def due(self, step: int, *, last: bool, stop: bool) -> bool:
+        return last or stop or bool(self.every_steps and step % self.every_steps == 0)
+
+    def save(self, *, engine, head, head_optimizer, train_state: dict) -> Path:
+        tag = tag_for(train_state["samples_seen"])
+        state = dict(train_state, run_id=self.run_id)
+        folder = save_checkpoint(self.root, tag, engine=engine, head=head, head_optimizer=head_optimizer,
+                                 config_yaml=self.config_yaml, train_state=state, zero_stage=self.zero_stage,
+                                 rank=self.rank, world_size=self.world_size, group=self.group)
+        folder = folder or self.root / tag
+        if self.rank == 0:
+            removed = prune_checkpoints(self.root, self.keep_last, self.run_id, keep=tag)
+            if removed:
+                log.info("removed older checkpoints of this run: %s", ", ".join(removed))
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+        self.last_saved = folder
+        return folder
+
+
 def load_backbone_file(path: str | Path, module: torch.nn.Module) -> None:
     """Strictly load a plain backbone state_dict (insightface arcface_torch, LVFace, or our backbone.pt)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint.init_backbone={path}: no such file")
+    verify_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

@@ -77,18 +77,18 @@ def _shard_payload(head, opt, extra: dict) -> dict:
     return payload
 
 
-def save_head_shard(path_dir, head, opt, extra: dict | None = None) -> Path:
+def save_head_shard(path_dir, head, opt, extra: dict | None = None, barrier: bool = True) -> Path:
     """Write this rank's head shard into `path_dir` (created if missing); returns the file path.
 
-    Collective over head.group: ends with a barrier, so when it returns on any rank every shard of the
-    checkpoint is complete. `extra` is stored as given (plain Python data and tensors); it is meant to
-    be the same on every rank, and load_head_shards returns rank 0's.
+    Collective over head.group unless `barrier=False` (a caller that agrees on errors itself): ends
+    with a barrier, so when it returns on any rank every shard of the checkpoint is complete. `extra`
+    is stored as given (plain Python data and tensors); it is meant to be the same on every rank, and load_head_shards returns rank 0's.
     """
     directory = Path(path_dir)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / shard_file_name(head.rank, head.world_size)
     atomic_torch_save(_shard_payload(head, opt, extra), path)
-    if head.world_size > 1:
+    if barrier and head.world_size > 1:
         dist.barrier(group=head.group)
     return path
 

@@ -178,7 +178,8 @@ class TrainConfig:
     epochs: float = 100.0
     """Training length in epochs."""
     max_steps: int = 0
-    """Stop after this many optimizer steps; 0 derives the length from epochs."""
+    """Stop after this many optimizer steps of the global batch the run started with (the length is kept
+    in samples, so a resume on another world size stops at the same point); 0 derives it from epochs."""
     seed: int = 2048
     """Seed of parameters, data order and augmentation."""
     precision: str = "auto"
@@ -191,6 +192,10 @@ class TrainConfig:
     """Optimizer steps between progress lines."""
     output_dir: str = "runs/lvface"
     """Folder for checkpoints, the resolved config and logs."""
+    collective_timeout_s: float = 600.0
+    """Longest wait for another rank in any collective (gloo and NCCL); past it every rank exits with an error."""
+    max_nonfinite_steps: int = 20
+    """Consecutive skipped (non-finite loss or gradient) steps after which the run stops; 0 never stops."""
 
 
 @dataclass

@@ -17,8 +17,10 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -89,17 +91,23 @@ def _fill_env(launcher: str) -> None:
         env.setdefault("MASTER_PORT", str(free_port()))
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (which picks nccl on CUDA, gloo on the CPU)."""
+def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (which picks nccl on CUDA, gloo on the CPU).
+
+    `timeout_s` (train.collective_timeout_s) bounds every collective of the default group and of the
+    world group made here, on gloo and NCCL: a rank that stops (hung, SIGSTOPped, dead without its
+    connections closing) makes the others fail with a timeout error instead of waiting forever. NCCL
+    honours it only with asynchronous error handling, switched on here unless the user set it.
+    """
     import deepspeed  # imported here: importing deepspeed probes the accelerator
 
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     launcher = detect_launcher()
     _fill_env(launcher)
-    deepspeed.init_distributed(
-        auto_mpi_discovery=(launcher == "mpi"),
-        timeout=timedelta(minutes=timeout_minutes),
-        verbose=False,
-    )
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        remove_dead_shm_buffers()
+    timeout = timedelta(seconds=timeout_s)
+    deepspeed.init_distributed(auto_mpi_discovery=(launcher == "mpi"), timeout=timeout, verbose=False)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -108,11 +116,79 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
     else:
         device = torch.device("cpu")
     # The head's class-parallel group and the backbone's data-parallel group are the same: the world.
-    group = dist.new_group(ranks=list(range(world_size)))
-    log.info("rank %d/%d (local %d) launched by %s on %s, backend %s", rank, world_size, local_rank,
-             launcher, device, dist.get_backend(group))
+    group = dist.new_group(ranks=list(range(world_size)), timeout=timeout)
+    # Every rank has mapped DeepSpeed's shared-memory all-reduce buffers once this barrier is passed:
+    # their names can go now, so that nothing is left in /dev/shm however this process ends.
+    dist.barrier(group=group)
+    remove_own_shm_buffer(rank)
+    log.info("rank %d/%d (local %d) launched by %s on %s, backend %s, collective timeout %.0f s", rank, world_size,
+             local_rank, launcher, device, dist.get_backend(group), timeout_s)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, launcher=launcher, group=group,
                     device=device)
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSpeed's shared-memory all-reduce buffers (CPU accelerator)
+# --------------------------------------------------------------------------------------------------
+# deepspeed/ops/csrc/cpu/comm/shm.cpp creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
+# (about 66 MB each) at init, maps the buffers of every local rank, and never unlinks them: every
+# killed run used to leave its buffers behind. The buffers are opened only at init, so each rank
+# unlinks its own name once all ranks have mapped them (the memory lives on until the last process
+# unmaps it), and a starting run removes the buffers of dead runs.
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "deepspeed_allreduce_buffer_"
+_SHM_MIN_AGE_S = 120.0  # a buffer younger than this may belong to a run that is still starting up
+
+
+def _mapped_shm_names() -> set[str]:
+    names = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            at = line.find(str(SHM_DIR / SHM_PREFIX))
+            if at >= 0:
+                names.add(Path(line[at:].split(" (deleted)")[0].strip()).name)
+    return names
+
+
+def remove_dead_shm_buffers(directory: Path = SHM_DIR, min_age_s: float = _SHM_MIN_AGE_S) -> list[str]:
+    """Remove this user's DeepSpeed shm all-reduce buffers that no live process maps (left by killed
+    runs) and that are older than `min_age_s`. Returns the removed names."""
+    if not directory.is_dir():
+        return []
+    candidates = [p for p in directory.glob(SHM_PREFIX + "*") if p.is_file()]
+    if not candidates:
+        return []
+    mapped = _mapped_shm_names()
+    now, removed = time.time(), []
+    for path in candidates:
+        try:
+            stat = path.stat()
+            if stat.st_uid != os.getuid() or path.name in mapped or now - stat.st_mtime < min_age_s:
+                continue
+            path.unlink()
+            removed.append(path.name)
+        except OSError:
+            continue
+    if removed:
+        log.info("removed %d shared-memory buffers of dead DeepSpeed runs from %s: %s", len(removed), directory,
+                 ", ".join(sorted(removed)))
+    return removed
+
+
+def own_shm_buffer(rank: int) -> Path:
+    return SHM_DIR / f"{SHM_PREFIX}{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}"
+
+
+def remove_own_shm_buffer(rank: int) -> None:
+    try:
+        own_shm_buffer(rank).unlink()
+    except OSError:
+        pass
 
 
 def setup_logging(rank: int, level: int = logging.INFO) -> None:

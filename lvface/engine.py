@@ -15,10 +15,13 @@ import copy
 import json
 import logging
 import math
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from lvface.config import Config, ConfigError
 
@@ -188,3 +191,120 @@ def engine_loss_scale(engine) -> float:
 
 def model_dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# One training step
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor
+    """Sum of this rank's micro-batch losses (detached; non-finite when the step was skipped)."""
+    micro_batches: int
+    skipped: bool
+    """Nothing was applied on any rank: a loss or gradient was non-finite somewhere."""
+    stop: bool
+    """Some rank was asked to stop (preemption): the caller saves and exits after this step."""
+
+
+@contextmanager
+def _forced_overflow(optimizer, force: bool):
+    """Make DeepSpeed's own overflow check report an overflow for one step (so that its skip, with
+    its bookkeeping: gradients cleared, no LR step, loss scale update, agrees with lvface's)."""
+    if not force:
+        yield
+        return
+    check = getattr(optimizer, "check_overflow", None)
+    if check is None:
+        raise RuntimeError(f"DeepSpeed's optimizer {type(optimizer).__name__} has no overflow check, so a non-finite "
+                           f"step cannot be skipped in the backbone; train with a ZeRO config (configs/zero1.json, "
+                           f"zero2.json or zero3.json)")
+
+    def check_overflow(*args, **kwargs):
+        check(*args, **kwargs)
+        optimizer.overflow = True
+
+    saved_flag = getattr(optimizer, "check_grad_overflow", None)
+    optimizer.check_overflow = check_overflow
+    if saved_flag is False:
+        optimizer.check_grad_overflow = True
+    try:
+        yield
+    finally:
+        del optimizer.check_overflow  # the class's method again
+        if saved_flag is False:
+            optimizer.check_grad_overflow = saved_flag
+
+
+def train_step(engine, head, head_optimizer, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], *,
+               accumulation: int, group, stop_requested: bool = False) -> StepResult:
+    """One optimizer step of the backbone (DeepSpeed) and the head, taken together on every rank.
+
+    `accumulation` micro-batches from `next_batch()` go forward and backward; at the accumulation
+    boundary one all-reduce (MAX over `group`) of two flags decides for every rank at once:
+    - skip: a non-finite loss (any micro-batch) or head gradient on some rank. DeepSpeed's own
+      overflow check is made to agree (it also sees the backbone's gradients, all-reduced by
+      DeepSpeed over the same ranks), and whatever DeepSpeed decides, the head follows: on a skip
+      neither W, its optimizer moments nor the EPL prototypes change on any rank;
+    - stop: some rank received a stop signal (`stop_requested`, lvface/preemption.py).
+    The learning rates are the caller's (set per step from the samples seen).
+    """
+    dtype = model_dtype(engine.module)
+    loss_sum = torch.zeros((), device=head.weight.device)
+    for micro in range(accumulation):
+        images, labels = next_batch()
+        embeddings = engine(images.to(dtype=dtype))
+        loss = head(embeddings.float(), labels)
+        engine.backward(loss)
+        loss_sum += loss.detach()
+        if micro < accumulation - 1:
+            engine.step()  # DeepSpeed counts the micro-step; nothing is applied before the boundary
+    if not engine.is_gradient_accumulation_boundary():
+        raise RuntimeError(f"train_step: DeepSpeed is not at a gradient-accumulation boundary after {accumulation} "
+                           f"micro-batches; its gradient_accumulation_steps must equal train.gradient_accumulation_steps")
+    grad = head.weight.grad
+    local_nonfinite = not bool(torch.isfinite(loss_sum)) or (grad is not None and not bool(torch.isfinite(grad).all()))
+    flags = torch.tensor([float(local_nonfinite), float(stop_requested)], device=loss_sum.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    skip, stop = bool(flags[0]), bool(flags[1])
+    grad_scale = engine_loss_scale(engine)  # before engine.step(), which may change an fp16 loss scale
+    with _forced_overflow(engine.optimizer, skip):
+        engine.step()
+    applied = engine.was_step_applied()
+    if skip and applied:
+        raise RuntimeError("DeepSpeed applied a step that lvface asked it to skip (non-finite loss or gradient)")
+    # The head follows DeepSpeed's decision, which includes the backbone's gradients.
+    if applied:
+        head_optimizer.step(grad_scale=grad_scale)
+        head.update_prototypes()  # after backward: the chunked path recomputes from them in backward
+    else:
+        head.discard_update()
+    head_optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_sum=loss_sum, micro_batches=accumulation, skipped=not applied, stop=stop)
+
+
+class NonFiniteSteps:
+    """Skipped steps: the total, the current run of consecutive ones, and the stop after `limit` in a row."""
+
+    def __init__(self, limit: int):
+        self.limit, self.total, self.consecutive = limit, 0, 0
+
+    def record(self, step: int, skipped: bool) -> None:
+        if not skipped:
+            self.consecutive = 0
+            return
+        self.total += 1
+        self.consecutive += 1
+        log.warning("step %d skipped on every rank: non-finite loss or gradient (%d in a row, %d in all)", step,
+                    self.consecutive, self.total)
+        if self.limit and self.consecutive >= self.limit:
+            raise NonFiniteTraining(
+                f"{self.consecutive} consecutive steps had a non-finite loss or gradient (train.max_nonfinite_steps="
+                f"{self.limit}); the run stops. The last checkpoint is intact: lower optimizer.lr, check the data, "
+                f"or use train.precision=fp32/bf16, then resume with checkpoint.resume=auto")
+
+
+class NonFiniteTraining(RuntimeError):
+    pass

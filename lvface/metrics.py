@@ -10,6 +10,7 @@ import logging
 import time
 from pathlib import Path
 
+from lvface.config import ConfigError
 from lvface.data.recordio import atomic_open
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,17 @@ class PrometheusMetrics:
             gauge = Gauge(f"lvface_{name}", doc, ("rank",) + extra, registry=self.registry)
             self.gauges[name] = gauge
         self.labels = labels
-        start_http_server(port + local_rank, registry=self.registry)
+        from prometheus_client import Counter
+
+        self.nonfinite = Counter("lvface_nonfinite_steps", "Optimizer steps skipped for a non-finite loss or gradient",
+                                 ("rank",), registry=self.registry)
+        self.nonfinite.labels(**labels)  # exported at 0 from the start
+        try:
+            start_http_server(port + local_rank, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(f"the Prometheus exporter of rank {rank} cannot listen on port {port + local_rank} "
+                              f"(metrics.prometheus_port={port} + local rank {local_rank}): {exc.strerror or exc}; "
+                              f"choose another metrics.prometheus_port, or 0 to disable the exporter") from None
         log.info("Prometheus metrics on port %d", port + local_rank)
 
     def update(self, **values: float) -> None:
@@ -76,6 +87,10 @@ class PrometheusMetrics:
             return
         for name, value in values.items():
             self.gauges[name].labels(**self.labels).set(value)
+
+    def nonfinite_step(self) -> None:
+        if self.enabled:
+            self.nonfinite.labels(**self.labels).inc()
 
     def verification(self, name: str, accuracy: float) -> None:
         if self.enabled:

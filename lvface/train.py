@@ -11,6 +11,7 @@ Anything after the flags is a dotted config override (`train.epochs=3` or `--dat
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import random
@@ -25,16 +26,19 @@ import torch
 import torch.distributed as dist
 
 from lvface import checkpoint as ckpt
+from lvface.checkpoint import CheckpointManager, CheckpointSaveError
 from lvface.config import ConfigError, load_config
 from lvface.data.loader import build_train_loader
-from lvface.distributed import init_distributed, setup_logging
-from lvface.engine import (build_ds_config, build_engine, build_lr_lambda, engine_loss_scale, param_groups,
-                           set_schedule_position, zero_stage)
+from lvface.distributed import DistInfo, init_distributed, setup_logging
+from lvface.engine import (NonFiniteSteps, NonFiniteTraining, build_ds_config, build_engine, build_lr_lambda,
+                           param_groups, set_schedule_position, train_step, zero_stage)
 from lvface.eval.callback import VerificationCallback
 from lvface.heads import ShardedMarginHead, build_head_optimizer, stage_for_epoch
 from lvface.metrics import ParquetLog, PrometheusMetrics, Throughput, format_duration
 from lvface.models import build_vit
 from lvface.models.vit import no_weight_decay_names
+from lvface.preemption import EXIT_PREEMPTED, Preempted, StopRequest, watch_launcher
+from lvface.run_lock import OutputFolderLocked, OutputLock
 
 log = logging.getLogger("lvface.train")
 
@@ -58,14 +62,80 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed)
 
 
+class EpochBatches:
+    """`next_batch()` for train_step: this rank's batches, rolling over into the next epoch."""
+
+    def __init__(self, loader, epoch: int, position: int):
+        self.loader, self.epoch = loader, epoch
+        loader.set_epoch(epoch, start_sample=position)
+        self.batches = iter(loader)
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return next(self.batches)
+        except StopIteration:
+            self.epoch += 1
+            self.loader.set_epoch(self.epoch)
+            self.batches = iter(self.loader)
+            return next(self.batches)
+
+
+def _broadcast(value, info: DistInfo):
+    """Rank 0's `value` on every rank."""
+    if info.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=info.group)
+    return box[0]
+
+
+def hold_output_folder(output_dir: str, info: DistInfo) -> OutputLock:
+    """Rank 0 takes the output folder's lock; every rank raises if it could not. Collective."""
+    lock, error = OutputLock(output_dir), None
+    if info.is_main:
+        try:
+            lock.acquire()
+        except (OutputFolderLocked, OSError) as exc:
+            error = str(exc)
+    error = _broadcast(error, info)
+    if error:
+        raise OutputFolderLocked(error)
+    return lock
+
+
 def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(argv)
     # config
     cfg = load_config(args.config, overrides)
+    # stop signals (preemption) are recorded from here on; a dead launcher counts as one
+    stop = StopRequest().install()
+    watch_launcher()
     # distributed
-    info = init_distributed()
+    info = init_distributed(cfg.train.collective_timeout_s)
     setup_logging(info.rank)
     log.info("resolved config:\n%s", cfg.to_yaml())
+    # the output folder: one run at a time
+    lock = hold_output_folder(cfg.train.output_dir, info)
+    try:
+        return train(cfg, args, info, stop)
+    except dist.DistBackendError as exc:
+        raise CollectiveFailed(f"a collective failed or waited longer than train.collective_timeout_s="
+                               f"{cfg.train.collective_timeout_s:g} s: another rank is dead, stopped or hung "
+                               f"({str(exc).splitlines()[0][:300]})") from exc
+    finally:
+        lock.release()
+
+
+def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
+    """The recipe of one run, after the process group and the output folder's lock are set up."""
+    # which checkpoint to resume (verified against its manifest; a damaged one falls back)
+    candidates, fallback = ckpt.resume_candidates(cfg.checkpoint.resume, cfg.train.output_dir)
+    resume = ckpt.select_checkpoint(candidates, fallback, rank=info.rank, world_size=info.world_size,
+                                    group=info.group)
+    if resume is None:
+        ckpt.refuse_foreign_checkpoints(cfg.train.output_dir)
+    saved = json.loads((resume[0] / resume[1] / "train_state.json").read_text()) if resume else {}
+    run_id = saved.get("run_id") or _broadcast(ckpt.new_run_id(), info)
     # seed
     seed_everything(cfg.train.seed, info.rank)
     # data
@@ -77,14 +147,17 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError(f"{cfg.data.rec}: {loader.num_images} images give {loader.batches_per_epoch} batches of "
                           f"{cfg.data.batch_size} per rank on {info.world_size} ranks, fewer than "
                           f"train.gradient_accumulation_steps={accum}: lower data.batch_size")
-    # Progress is counted in samples, so that a resume on another world size (another global batch)
-    # lands at the same epoch, stage and learning rate.
+    # Length and schedule are counted in samples, in steps of the global batch the run started with,
+    # so that a resume on another world size stops at the same point with the same learning rates.
     images_per_step = cfg.data.batch_size * accum * info.world_size
+    reference_batch = saved.get("reference_global_batch", images_per_step)
     samples_per_epoch = loader.batches_per_epoch * cfg.data.batch_size * info.world_size
-    steps_per_epoch = samples_per_epoch / images_per_step
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    reference_steps_per_epoch = samples_per_epoch / reference_batch
+    reference_total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * reference_steps_per_epoch))
+    total_samples = reference_total * reference_batch
+    total_steps = math.ceil(total_samples / images_per_step)
     log.info("%d images, %d identities; %.1f optimizer steps per epoch of %d images; %d steps in all",
-             loader.num_images, num_classes, steps_per_epoch, images_per_step, total_steps)
+             loader.num_images, num_classes, samples_per_epoch / images_per_step, images_per_step, total_steps)
     # model
     overrides_model = {k: v for k, v in (("drop_path_rate", cfg.model.drop_path_rate),
                                          ("mask_ratio", cfg.model.mask_ratio),
@@ -95,20 +168,23 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt.load_backbone_file(cfg.checkpoint.init_backbone, backbone)
     # DeepSpeed engine (backbone only); a resume on another world size loads a universal checkpoint
     ds_config = build_ds_config(args.ds_config, cfg, info.world_size, info.device)
-    resume = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.train.output_dir)
     engine_root = resume and ckpt.prepare_resume(*resume, world_size=info.world_size, rank=info.rank,
                                                  group=info.group, ds_config=ds_config)
-    lr_lambda = build_lr_lambda(cfg, total_steps, round(steps_per_epoch))
+    reference_lr = build_lr_lambda(cfg, reference_total, round(reference_steps_per_epoch))
+    step_scale = images_per_step / reference_batch
+    lr_lambda = reference_lr if step_scale == 1 else (lambda step: reference_lr(step * step_scale))
     groups = param_groups(backbone, cfg.optimizer.weight_decay, no_weight_decay_names(backbone))
     engine = build_engine(backbone, ds_config, groups, lr_lambda)
-    stage_zero = zero_stage(ds_config)
     # head + its optimizer (outside the engine)
     head = ShardedMarginHead(num_classes, cfg.model.num_features, cfg.loss, group=info.group, impl=cfg.loss.impl,
                              chunk_bytes=cfg.loss.chunk_mb << 20, seed=cfg.train.seed).to(info.device)
     head_optimizer = build_head_optimizer(head, cfg.optimizer, sparse_rows=cfg.optimizer.head_sparse_rows)
     head_scheduler = torch.optim.lr_scheduler.LambdaLR(head_optimizer, lr_lambda)
     # checkpointer
-    root = ckpt.checkpoint_root(cfg.train.output_dir)
+    checkpoints = CheckpointManager(cfg.train.output_dir, run_id=run_id, every_steps=cfg.checkpoint.every_steps,
+                                    keep_last=cfg.checkpoint.keep_last, zero_stage=zero_stage(ds_config),
+                                    config_yaml=cfg.to_yaml(), rank=info.rank, world_size=info.world_size,
+                                    group=info.group)
     samples_seen, epoch, position = 0, 0, 0
     if resume:
         state = ckpt.load_checkpoint(*resume, engine=engine, head=head, head_optimizer=head_optimizer,
@@ -137,55 +213,43 @@ def main(argv: list[str] | None = None) -> dict:
             parquet.append(step=step, **{f"{name}_accuracy": float(result["accuracy"])})
         return results
 
-    def save() -> None:
-        state = {"step": step, "samples_seen": samples_seen, "epoch": epoch, "position": loader.position(),
-                 "world_size": info.world_size, "stage": head.stage.name}
-        ckpt.save_checkpoint(root, f"step{step:08d}", engine=engine, head=head, head_optimizer=head_optimizer,
-                             config_yaml=cfg.to_yaml(), train_state=state, zero_stage=stage_zero, rank=info.rank,
-                             group=info.group, keep_last=cfg.checkpoint.keep_last)
+    def save() -> Path:
+        folder = checkpoints.save(engine=engine, head=head, head_optimizer=head_optimizer, train_state={
+            "step": step, "samples_seen": samples_seen, "epoch": batches.epoch, "position": loader.position(),
+            "world_size": info.world_size, "stage": head.stage.name, "reference_global_batch": reference_batch})
         parquet.flush()
+        return folder
 
     first_results = evaluate() if (verifier and cfg.eval.at_start and step == 0) else {}
     head.set_stage(stage_for_epoch(cfg.loss.stages, samples_seen / samples_per_epoch))
 
     # the loop
     throughput = Throughput(images_per_step, total_steps, start_step=step)
+    nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps)
     loss_sum = torch.zeros((), device=info.device)
     loss_count = 0
-    loader.set_epoch(epoch, start_sample=position)
-    batches = iter(loader)
+    batches = EpochBatches(loader, epoch, position)
     engine.train()
     first_loss = last_loss = None
     while step < total_steps:
-        for _ in range(accum):
-            try:
-                images, labels = next(batches)
-            except StopIteration:
-                epoch += 1
-                loader.set_epoch(epoch)
-                batches = iter(loader)
-                images, labels = next(batches)
-            images = images.to(dtype=next(engine.module.parameters()).dtype)
-            embeddings = engine(images)
-            loss = head(embeddings.float(), labels)
-            engine.backward(loss)
-            # The head steps at the accumulation boundary, beside engine.step(); the prototypes are
-            # updated after backward (the chunked path recomputes from them in backward).
-            if engine.is_gradient_accumulation_boundary():
-                head_optimizer.step(grad_scale=engine_loss_scale(engine))
-                head_optimizer.zero_grad(set_to_none=True)
-                head.update_prototypes()
-                head_scheduler.step()
-            engine.step()
-            loss_sum += loss.detach()
-            loss_count += 1
+        result = train_step(engine, head, head_optimizer, batches, accumulation=accum, group=info.group,
+                            stop_requested=stop.requested)
         step += 1
         samples_seen += images_per_step
+        # DeepSpeed does not step its scheduler on a skipped step: the schedule follows the samples seen
+        set_schedule_position(engine.lr_scheduler, step)
+        set_schedule_position(head_scheduler, step)
+        if result.skipped:
+            prometheus.nonfinite_step()
+        else:
+            loss_sum += result.loss_sum
+            loss_count += result.micro_batches
+        nonfinite.record(step, result.skipped)  # raises after train.max_nonfinite_steps in a row
         progress = samples_seen / samples_per_epoch  # fractional epoch
         head.set_stage(stage_for_epoch(cfg.loss.stages, progress))  # logs a switch
-        if step % cfg.train.log_every == 0 or step == total_steps:
+        if step % cfg.train.log_every == 0 or step == total_steps or result.stop:
             dist.all_reduce(loss_sum, group=info.group)
-            mean_loss = loss_sum.item() / (loss_count * info.world_size)
+            mean_loss = loss_sum.item() / (loss_count * info.world_size) if loss_count else float("nan")
             loss_sum.zero_()
             loss_count = 0
             first_loss = mean_loss if first_loss is None else first_loss
@@ -193,41 +257,56 @@ def main(argv: list[str] | None = None) -> dict:
             images_per_s, eta = throughput.tick(step)
             lr = engine.get_lr()[0]
             log.info("step %d/%d epoch %.2f stage %s loss %.4f lr %.3e %.1f img/s eta %s", step, total_steps,
-                     progress, head.stage.name, mean_loss, lr, images_per_s,
-                     format_duration(eta))
+                     progress, head.stage.name, mean_loss, lr, images_per_s, format_duration(eta))
             prometheus.update(loss=mean_loss, lr=lr, images_per_second=images_per_s, step=step, epoch=progress,
                               bad_records=loader.bad_records)
             parquet.append(step=step, epoch=progress, loss=mean_loss, lr=lr, images_per_s=images_per_s,
-                           bad_records=loader.bad_records)
+                           bad_records=loader.bad_records, nonfinite_steps=nonfinite.total)
+        if result.stop:
+            folder = save()
+            log.warning("preemption save: %s written after step %d; exiting with %d so that the job is requeued",
+                        folder, step, EXIT_PREEMPTED)
+            loader.close()
+            raise Preempted(stop.signal_name, folder)
         if verifier and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
             evaluate()
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total_steps:
+        if checkpoints.due(step, last=False, stop=False) and step < total_steps:
             save()
 
     last_results = evaluate() if verifier else {}
-    save()
+    folder = save()
     loader.close()
     summary = {"steps": step, "first_loss": first_loss, "last_loss": last_loss,
                "first_accuracy": {k: float(v["accuracy"]) for k, v in first_results.items()},
                "last_accuracy": {k: float(v["accuracy"]) for k, v in last_results.items()},
-               "checkpoint": str(root / f"step{step:08d}")}
+               "checkpoint": str(folder), "nonfinite_steps": nonfinite.total}
     if info.is_main:
-        import json
-
         (Path(cfg.train.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
         log.info("done: %s", summary)
     dist.barrier(group=info.group)
     return summary
 
 
+class CollectiveFailed(RuntimeError):
+    pass
+
+
 def cli(argv: list[str] | None = None) -> int:
+    errors = logging.getLogger("lvface")
     try:
         main(argv)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except Preempted as exc:
+        errors.warning("%s", exc)
+        return EXIT_PREEMPTED
+    except (ConfigError, FileNotFoundError, ValueError, OutputFolderLocked) as exc:
         # One line that says what to fix, not a traceback.
-        logging.getLogger("lvface").error("%s", exc)
+        errors.error("%s", exc)
         print(f"lvface: error: {exc}", file=sys.stderr)
         return 2
+    except (CheckpointSaveError, NonFiniteTraining, CollectiveFailed) as exc:
+        errors.error("%s", exc)
+        print(f"lvface: error: {exc}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

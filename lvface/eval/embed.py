@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lvface.checkpoint_manifest import MANIFEST, CheckpointCorrupt, check_files, verify_file
 from lvface.models import VisionTransformer, build_vit, infer_variant
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def read_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"backbone file {path} does not exist")
+    verify_file(path)  # against the checkpoint's manifest when the file is part of an lvface checkpoint
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for non-checkpoint files
@@ -105,6 +107,10 @@ def _config_model_name(tag_folder: Path) -> str | None:
 def _deepspeed_state_dict(tag_folder: Path) -> dict[str, torch.Tensor]:
     """fp32 weights gathered from a DeepSpeed checkpoint's ZeRO shards (stages 0-3)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    problems = check_files(tag_folder) if (tag_folder / MANIFEST).is_file() else []
+    if problems:
+        raise CheckpointCorrupt("; ".join(problems))
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(tag_folder.parent), tag=tag_folder.name)
     return strip_prefixes({key: value.float() if value.is_floating_point() else value

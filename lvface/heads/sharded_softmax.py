@@ -639,6 +639,11 @@ class ShardedMarginHead(nn.Module):
         update_prototypes_(self.prototypes, rows, sums, counts, mode=mode, momentum=momentum)
         return int(rows.numel())
 
+    def discard_update(self) -> None:
+        """Forget the step's pending prototype update and touched rows (a skipped, non-finite step)."""
+        self._pending_sums = []
+        self.clear_touched_rows()
+
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
