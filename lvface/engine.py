@@ -247,11 +247,14 @@ def train_step(engine, head, head_optimizer, next_batch: Callable[[], tuple[torc
     - skip: a non-finite loss (any micro-batch) or head gradient on some rank. DeepSpeed's own
       overflow check is made to agree (it also sees the backbone's gradients, all-reduced by
       DeepSpeed over the same ranks), and whatever DeepSpeed decides, the head follows: on a skip
-      neither W, its optimizer moments nor the EPL prototypes change on any rank;
+      neither W, its optimizer moments, the EPL prototypes nor the backbone's BatchNorm statistics
+      change on any rank;
     - stop: some rank received a stop signal (`stop_requested`, lvface/preemption.py).
     The learning rates are the caller's (set per step from the samples seen).
     """
     dtype = model_dtype(engine.module)
+    # Forward passes move BatchNorm running statistics; a skipped step must not keep them (small).
+    buffers = {name: buffer.clone() for name, buffer in engine.module.named_buffers()}
     loss_sum = torch.zeros((), device=head.weight.device)
     for micro in range(accumulation):
         images, labels = next_batch()
@@ -281,6 +284,9 @@ def train_step(engine, head, head_optimizer, next_batch: Callable[[], tuple[torc
         head.update_prototypes()  # after backward: the chunked path recomputes from them in backward
     else:
         head.discard_update()
+        with torch.no_grad():
+            for name, buffer in engine.module.named_buffers():
+                buffer.copy_(buffers[name])
     head_optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_sum=loss_sum, micro_batches=accumulation, skipped=not applied, stop=stop)
 

@@ -42,6 +42,7 @@ from lvface.run_lock import OutputFolderLocked, OutputLock
 
 log = logging.getLogger("lvface.train")
 
+PREEMPTED_MARKER = "PREEMPTED"
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "zero2.json"
 
 
@@ -116,6 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
     log.info("resolved config:\n%s", cfg.to_yaml())
     # the output folder: one run at a time
     lock = hold_output_folder(cfg.train.output_dir, info)
+    marker = Path(cfg.train.output_dir) / PREEMPTED_MARKER
+    if info.is_main:
+        marker.unlink(missing_ok=True)
     try:
         return train(cfg, args, info, stop)
     except dist.DistBackendError as exc:
@@ -266,6 +270,8 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
             folder = save()
             log.warning("preemption save: %s written after step %d; exiting with %d so that the job is requeued",
                         folder, step, EXIT_PREEMPTED)
+            if info.is_main:  # for launchers that lose the exit code (torchrun): launch/k8s/pytorchjob.yaml
+                (Path(cfg.train.output_dir) / PREEMPTED_MARKER).write_text(f"{folder}\n")
             loader.close()
             raise Preempted(stop.signal_name, folder)
         if verifier and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
