@@ -144,12 +144,13 @@ def test_resume_on_another_world_size(demo_data, demo_run, tmp_path):
     run_dir, _ = demo_run
     old = Path(json.loads((run_dir / "summary.json").read_text())["checkpoint"])
     old_state = json.loads((old / "train_state.json").read_text())
-    steps_on_one_rank = old_state["samples_seen"] // 64  # same samples, half the global batch
+    # max_steps counts steps of the global batch the run started with (2 ranks): the same number means
+    # the same samples on one rank, so the resumed run has nothing left to train and saves at once.
     proc = _run_single([f"data.rec={demo_data / 'train.rec'}", "eval.bins=[]", f"checkpoint.resume={old}",
-                        f"train.max_steps={steps_on_one_rank}"], tmp_path)
+                        f"train.max_steps={old_state['step']}"], tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "resuming a 2-rank checkpoint on 1 ranks" in proc.stderr
-    new = tmp_path / "run" / "checkpoints" / f"step{steps_on_one_rank:08d}"
+    new = tmp_path / "run" / "checkpoints" / f"samples{old_state['samples_seen']:012d}"
     new_state = json.loads((new / "train_state.json").read_text())
     assert (new_state["samples_seen"], new_state["epoch"], new_state["position"], new_state["world_size"]) == (
         old_state["samples_seen"], old_state["epoch"], old_state["position"], 1)
