@@ -40,17 +40,20 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser, device: bool = True) -
 
 def run_verify(checkpoint: str, bins: list[str], *, model: str | None = None, batch_size: int = 64,
                device: str = "auto") -> dict[str, dict]:
-    """10-fold accuracy, AUC and TAR@FAR of each .bin set: {set name: evaluate_pairs result}."""
+    """10-fold accuracy, AUC and TAR@FAR of each .bin set: {set name: evaluate_pairs result}. The set
+    name is the file's stem, or a longer part of its path where two files share a stem."""
+    from lvface.eval.callback import verification_set_names
     from lvface.eval.embed import build_model_fn, load_backbone, pick_device, module_image_size
     from lvface.eval.verification import embed_flip_sum, evaluate_pairs, load_bin
 
+    names = verification_set_names(bins)  # before the model loads: a listed-twice file fails fast
     backbone = load_backbone(checkpoint, model)
     model_fn = build_model_fn(backbone.module, pick_device(device))
     results = {}
-    for path in bins:
+    for name, path in zip(names, bins):
         images, issame = load_bin(path, image_size=module_image_size(backbone.module))
         embeddings = embed_flip_sum(model_fn, images, batch_size)
-        results[Path(path).stem] = {**evaluate_pairs(embeddings, issame), "path": str(path)}
+        results[name] = {**evaluate_pairs(embeddings, issame), "path": str(path)}
     return results
 
 
