@@ -20,7 +20,7 @@ from lvface.data.images import normalize_images
 from lvface.data.synthetic import render_face
 from lvface.data.verification_bin import load_bin, write_bin
 from lvface.eval import commands
-from lvface.eval.callback import verification_set_names
+from lvface.eval.verification import verification_set_names
 from lvface.eval.verification import embed_flip_sum, evaluate_pairs
 from lvface.models import build_vit
 from test_ijbc import make_mini_ijb

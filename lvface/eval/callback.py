@@ -9,38 +9,15 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from pathlib import PurePath
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from lvface.data.verification_bin import load_bin
-from lvface.eval.verification import embed_flip_sum, evaluate_pairs
+from lvface.eval.verification import embed_flip_sum, evaluate_pairs, verification_set_names
 
 log = logging.getLogger(__name__)
-
-
-def verification_set_names(paths: list[str]) -> list[str]:
-    """A distinct name per .bin file, for result keys, metric labels and table rows: the file's stem
-    where no other file has it, else the shortest trailing part of its path (without the extension)
-    that tells it apart: ``a/lfw.bin`` and ``b/lfw.bin`` become ``a/lfw`` and ``b/lfw``. The same
-    file given twice is an error naming it."""
-    stems = [PurePath(os.path.splitext(os.path.abspath(path))[0]).parts for path in paths]
-    first_listed: dict[tuple[str, ...], str] = {}
-    for path, parts in zip(paths, stems):
-        if parts in first_listed:
-            raise ValueError(f"verification set {path} is listed twice ({first_listed[parts]} and {path}); "
-                             "list each .bin file once")
-        first_listed[parts] = path
-    names = []
-    for index, parts in enumerate(stems):
-        others = stems[:index] + stems[index + 1:]
-        # distinct absolute paths differ in some trailing part, at the latest at the root
-        length = next(k for k in range(1, len(parts) + 1) if all(other[-k:] != parts[-k:] for other in others))
-        names.append(PurePath(*parts[-length:]).as_posix())
-    return names
 
 
 class VerificationCallback:

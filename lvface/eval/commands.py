@@ -34,7 +34,7 @@ def run_verify(checkpoint: str, bins: list[str], *, model: str | None = None, ba
     name is the file's stem, or a longer part of its path where two files share a stem."""
     from lvface.checkpoint_files import load_backbone
     from lvface.data.verification_bin import load_bin
-    from lvface.eval.callback import verification_set_names
+    from lvface.eval.verification import verification_set_names
     from lvface.eval.embed import build_model_fn, pick_device
     from lvface.eval.verification import embed_flip_sum, evaluate_pairs
 
