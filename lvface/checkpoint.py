@@ -40,15 +40,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lvface.checkpoint_head import atomic_torch_save, load_head_shards, save_head_shard
+from lvface.checkpoint_files import BACKBONE_FILE, CONFIG_FILE, LATEST, TRAIN_STATE_FILE
+from lvface.checkpoint_head import load_head_shards, save_head_shard
 from lvface.checkpoint_manifest import (MANIFEST, CheckpointCorrupt, check_files, checkpoint_files, describe_files,
-                                        manifest_digest, manifest_text, read_manifest, verify_file)
+                                        manifest_digest, manifest_text, read_manifest)
 from lvface.config import ConfigError
-from lvface.data.recordio import atomic_open
+from lvface.files import atomic_torch_save, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
 TAG_PATTERN = re.compile(r"^samples(\d{12})$")
 
 
@@ -63,11 +63,6 @@ def tag_for(samples_seen: int) -> str:
 
 def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_open(str(path), "w") as handle:
-        handle.write(text)
 
 
 @contextmanager
@@ -193,9 +188,9 @@ def save_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, confi
         save_head_shard(staging, head, head_optimizer, extra={"samples_seen": train_state["samples_seen"]},
                         barrier=False)
         if rank == 0:
-            atomic_torch_save(backbone, staging / "backbone.pt")
-            atomic_write_text(staging / "config.yaml", config_yaml)
-            atomic_write_text(staging / "train_state.json", json.dumps(train_state, indent=1))
+            atomic_torch_save(backbone, staging / BACKBONE_FILE)
+            atomic_write_text(staging / CONFIG_FILE, config_yaml)
+            atomic_write_text(staging / TRAIN_STATE_FILE, json.dumps(train_state, indent=1))
     except (OSError, RuntimeError) as exc:
         error = f"rank {rank}: {_describe_error(exc, staging)}"
     errors = _agree(error, group, world_size)
@@ -342,7 +337,7 @@ def prepare_resume(root: Path, tag: str, *, world_size: int, rank: int, group, d
     (an earlier run in the same folder) is never reused. The head's shards are re-split by lvface
     itself (lvface/checkpoint_head.py).
     """
-    state_file = root / tag / "train_state.json"
+    state_file = root / tag / TRAIN_STATE_FILE
     if not state_file.is_file():
         raise FileNotFoundError(f"{state_file} is missing: {root / tag} is not a complete lvface checkpoint")
     saved_world = json.loads(state_file.read_text())["world_size"]
@@ -379,7 +374,7 @@ def load_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, engin
     if engine_root != root:
         # A universal checkpoint restores parameters and optimizer state but not module buffers
         # (BatchNorm running statistics): take them from the checkpoint's plain backbone.
-        saved = torch.load(root / tag / "backbone.pt", map_location="cpu", weights_only=True)
+        saved = torch.load(root / tag / BACKBONE_FILE, map_location="cpu", weights_only=True)
         with torch.no_grad():
             for name, buffer in engine.module.named_buffers():
                 buffer.copy_(saved[name])
@@ -426,22 +421,6 @@ class CheckpointManager:
             dist.barrier(group=self.group)
         self.last_saved = folder
         return folder
-
-
-def load_backbone_file(path: str | Path, module: torch.nn.Module) -> None:
-    """Strictly load a plain backbone state_dict (insightface arcface_torch, LVFace, or our backbone.pt)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint.init_backbone={path}: no such file")
-    verify_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{path} does not match the configured backbone (model.name): {exc}") from None
 
 
 def _reshard_command(args) -> int:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from lvface.config import ConfigError
-from lvface.data.recordio import atomic_open
+from lvface.files import atomic_open
 
 log = logging.getLogger(__name__)
 

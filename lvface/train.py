@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from lvface import checkpoint as ckpt
 from lvface.checkpoint import CheckpointManager, CheckpointSaveError
+from lvface.checkpoint_files import TRAIN_STATE_FILE, load_backbone_into
 from lvface.config import ConfigError, load_config
 from lvface.data.loader import build_train_loader
 from lvface.distributed import DistInfo, init_distributed, setup_logging
@@ -138,7 +139,7 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
                                     group=info.group)
     if resume is None:
         ckpt.refuse_foreign_checkpoints(cfg.train.output_dir)
-    saved = json.loads((resume[0] / resume[1] / "train_state.json").read_text()) if resume else {}
+    saved = json.loads((resume[0] / resume[1] / TRAIN_STATE_FILE).read_text()) if resume else {}
     run_id = saved.get("run_id") or _broadcast(ckpt.new_run_id(), info)
     # seed
     seed_everything(cfg.train.seed, info.rank)
@@ -169,7 +170,7 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
     backbone = build_vit(cfg.model.name, num_features=cfg.model.num_features, attn_impl=cfg.model.attn_impl,
                          **overrides_model)
     if cfg.checkpoint.init_backbone:
-        ckpt.load_backbone_file(cfg.checkpoint.init_backbone, backbone)
+        log.info("backbone initialised from %s", load_backbone_into(backbone, cfg.checkpoint.init_backbone))
     # DeepSpeed engine (backbone only); a resume on another world size loads a universal checkpoint
     ds_config = build_ds_config(args.ds_config, cfg, info.world_size, info.device)
     engine_root = resume and ckpt.prepare_resume(*resume, world_size=info.world_size, rank=info.rank,

@@ -100,7 +100,7 @@ def _shm_buffers(port: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from lvface.data.loader import RecordIndex
+    from lvface.data.index import RecordIndex
     from lvface.data.synthetic import write_synthetic_dataset
 
     out = tmp_path_factory.mktemp("faults") / "data"
@@ -259,7 +259,7 @@ def test_stale_lock_is_reported_and_a_live_one_refused(tmp_path, caplog):
 def test_damaged_latest_checkpoint_falls_back_and_eval_export_refuse(straight, tmp_path, caplog):
     from lvface.checkpoint import resume_candidates, select_checkpoint
     from lvface.checkpoint_manifest import CheckpointCorrupt
-    from lvface.eval.embed import load_backbone
+    from lvface.checkpoint_files import load_backbone
 
     run = tmp_path / "run"
     shutil.copytree(straight["out"] / "checkpoints", run / "checkpoints")
