@@ -178,8 +178,11 @@ def save_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, confi
         engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
     except Exception as exc:  # DeepSpeed's own writes: torch.save's errors name no path or reason
         # No collective after this point: the other ranks stop at their next one (collective timeout).
+        reason = _describe_error(exc, staging)
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
         raise CheckpointSaveError(f"saving checkpoint {folder} failed while DeepSpeed wrote its files: "
-                                  f"{_describe_error(exc, staging)}; the previous checkpoint and {root / LATEST} "
+                                  f"{reason}; the previous checkpoint and {root / LATEST} "
                                   f"are unchanged") from exc
     error = None
     try:
