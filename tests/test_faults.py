@@ -29,7 +29,7 @@ from dist_utils import run_on_ranks
 from lvface.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-MAX_STEPS = 8
+MAX_STEPS = 12
 CORRUPT = (3, 50, 170)  # image indices whose entropy-coded data is wiped (markers intact)
 
 
