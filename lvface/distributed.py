@@ -107,6 +107,11 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     if os.environ.get("LOCAL_RANK", "0") == "0":
         remove_dead_shm_buffers()
     timeout = timedelta(seconds=timeout_s)
+    # DeepSpeed makes its own process groups (ZeRO's data-parallel group) without a timeout, which
+    # torch then takes from these defaults (30 minutes): make every group of this process use ours.
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(auto_mpi_discovery=(launcher == "mpi"), timeout=timeout, verbose=False)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -123,7 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
         marker.unlink(missing_ok=True)
     try:
         return train(cfg, args, info, stop)
-    except dist.DistBackendError as exc:
+    except (dist.DistBackendError, RuntimeError) as exc:
+        lost_peer = isinstance(exc, dist.DistBackendError) or any(
+            text in str(exc) for text in ("Timed out", "timed out", "Connection closed by peer"))
+        if isinstance(exc, (CheckpointSaveError, NonFiniteTraining)) or not lost_peer:
+            raise
         raise CollectiveFailed(f"a collective failed or waited longer than train.collective_timeout_s="
                                f"{cfg.train.collective_timeout_s:g} s: another rank is dead, stopped or hung "
                                f"({str(exc).splitlines()[0][:300]})") from exc
