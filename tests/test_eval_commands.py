@@ -15,16 +15,21 @@ import torch
 from PIL import Image
 
 import lvface.cli
+from lvface import export
+from lvface.data.images import normalize_images
 from lvface.data.synthetic import render_face
+from lvface.data.verification_bin import load_bin, write_bin
 from lvface.eval import commands
-from lvface.eval.verification import embed_flip_sum, evaluate_pairs, load_bin, normalize_images, write_bin
+from lvface.eval.verification import embed_flip_sum, evaluate_pairs
 from lvface.models import build_vit
 from test_ijbc import make_mini_ijb
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lvface")
-    commands.register(parser.add_subparsers(dest="command", required=True))
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    commands.register(subparsers)
+    export.register(subparsers)
     return parser.parse_args(argv)
 
 
@@ -154,7 +159,7 @@ def test_eval_ijbc_command(backbone, tmp_path):
 
 
 def test_cli_main_reports_errors(backbone, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(lvface.cli, "COMMAND_MODULES", ["lvface.eval.commands"])
+    monkeypatch.setattr(lvface.cli, "COMMAND_MODULES", ["lvface.eval.commands", "lvface.export"])
     root = tmp_path / "IJBC"
     (root / "meta").mkdir(parents=True)
     (root / "loose_crop").mkdir()

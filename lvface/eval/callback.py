@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lvface.eval.verification import embed_flip_sum, evaluate_pairs, load_bin
+from lvface.data.verification_bin import load_bin
+from lvface.eval.verification import embed_flip_sum, evaluate_pairs
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,6 @@ contiguous slice, the features are all-gathered, and rank 0 aggregates and score
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -40,7 +39,9 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 
-from lvface.eval.verification import normalize_images, roc_auc
+from lvface.data.images import normalize_images
+from lvface.files import atomic_write_json
+from lvface.eval.verification import roc_auc
 
 log = logging.getLogger(__name__)
 
@@ -520,17 +521,6 @@ def evaluate_ijb(model_fn: Callable[[torch.Tensor], torch.Tensor], root: str | P
                                  {row_label: (scored["fpr"], scored["tpr"])}, title=f"{meta.name} 1:1 verification")
         json_file = output_dir / f"{meta.name.lower()}_result.json"
         result.update(scores_file=str(scores_file), roc_png=str(roc_file), json_file=str(json_file))
-        json_file.write_text(json.dumps(jsonable(result), indent=1))
+        atomic_write_json(json_file, result)
     log.info("%s TAR @ FAR (nearest-FPR convention), AUC %.5f:\n%s", meta.name, result["auc"], table)
     return result
-
-
-def jsonable(value):
-    """Floats as dict keys become strings, numpy scalars become Python numbers."""
-    if isinstance(value, dict):
-        return {(f"{k:g}" if isinstance(k, float) else k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
