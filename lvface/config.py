@@ -46,6 +46,8 @@ class ModelConfig:
     """Activation checkpointing of every block; None keeps the variant's preset."""
     attn_impl: str = "sdpa"
     """Attention path: sdpa (F.scaled_dot_product_attention) or math (explicit reference)."""
+    norm_impl: str = "torch"
+    """LayerNorm kernels: torch (nn.LayerNorm) or apex (NVIDIA apex's FusedLayerNorm, where installed)."""
 
 
 @dataclass
@@ -157,6 +159,9 @@ class OptimizerConfig:
     """Weight decay of the class centers; None uses weight_decay."""
     head_sparse_rows: bool = True
     """With Partial-FC sampling, update (and decay) only the centers sampled in the step; false: every row."""
+    head_impl: str = "torch"
+    """Head AdamW kernels: torch (lvface's blockwise AdamW) or apex (NVIDIA apex's fused multi-tensor
+    Adam, where installed; needs head_sparse_rows=false, since it steps every row with one step count)."""
 
 
 @dataclass
@@ -244,6 +249,8 @@ class Config:
 
 _CHOICES = {
     "model.attn_impl": ("sdpa", "math"),
+    "model.norm_impl": ("torch", "apex"),
+    "optimizer.head_impl": ("torch", "apex"),
     "data.loader": ("auto", "dali", "torch"),
     "loss.gradient": ("insightface", "exact"),
     "loss.prototype_update": ("adaptive", "momentum"),
@@ -352,6 +359,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key 'data.{name}' must be positive")
     if cfg.train.gradient_accumulation_steps <= 0:
         raise ConfigError("config key 'train.gradient_accumulation_steps' must be positive")
+    if cfg.optimizer.head_impl == "apex" and cfg.optimizer.head_sparse_rows:
+        raise ConfigError("config key 'optimizer.head_impl' is apex, which steps every row of the centers with one "
+                          "step count; set optimizer.head_sparse_rows=false with it, or optimizer.head_impl=torch")
     if len(cfg.optimizer.betas) != 2:
         raise ConfigError("config key 'optimizer.betas' must have two numbers")
     return cfg
