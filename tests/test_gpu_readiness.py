@@ -87,3 +87,65 @@ def test_head_apex_needs_dense_rows():
         load_config(None, ["model.norm_impl=fused"])
     cfg = load_config(None, ["model.norm_impl=apex", "optimizer.head_impl=apex", "optimizer.head_sparse_rows=false"])
     assert (cfg.model.norm_impl, cfg.optimizer.head_impl) == ("apex", "apex")  # a valid config on any machine
+
+
+# --------------------------------------------------------------------------------------------------
+# benchmarks/gpu_check.sh: the plumbing, on the CPU
+# --------------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _gpu_check(out: Path, **env) -> tuple[int, dict, str]:
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**environ, "OUT": str(out), "GPU_CHECK_DRY": "1", **env})
+    results = json.loads((out / "gpu_check.json").read_text())
+    return proc.returncode, results, proc.stdout + proc.stderr
+
+
+def test_head_memory_estimate_drops_the_dense_head_at_2m_classes():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from gpu_check import head_memory_mb
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert head_memory_mb("dense", 8192, 2_000_000, 512) / 1024 > 160  # GiB: more than any one GPU holds
+    assert head_memory_mb("chunked", 8192, 2_000_000, 512) / 1024 < 16  # W, P, dW and O(batch * dim)
+    assert head_memory_mb("dense", 24576, 32187, 512) / 1024 < 16  # the per-rank shape fits
+
+
+def test_gpu_check_dry_run_writes_every_stage(tmp_path):
+    # Wall time ~25 s on an idle 2-core machine (user time ~24 s): five short processes.
+    code, results, output = _gpu_check(tmp_path)
+    assert code == 0, output[-3000:]
+    assert results["dry"] is True
+    assert results["env"]["lvface_kernels"].startswith(str(REPO))  # this checkout, through PYTHONPATH
+    stages = {}
+    for entry in results["stages"]:
+        stages.setdefault(entry["stage"], []).append(entry)
+    assert [e["status"] for e in stages["tests"]] == ["ok"]
+    heads = {(e["impl"], e["classes"]): e for e in stages["head"]}
+    assert heads[("chunked", 1000)]["status"] == "ok" and heads[("chunked", 1000)]["records"][0]["s_per_step"] > 0
+    # triton is absent, or fails on a CPU: either way recorded, and the other figures are still written
+    assert heads[("triton", 1000)]["status"] in ("skipped", "failed", "ok")
+    assert heads[("dense", 2_000_000)]["status"] == "dropped" and "GiB" in heads[("dense", 2_000_000)]["reason"]
+    (step,) = stages["step"]
+    assert step["status"] == "ok" and step["records"][0]["images_per_s"] > 0
+    assert stages["dali"][0]["status"] == "skipped"
+    assert stages["apex"][0]["status"] == "ok"
+    assert (tmp_path / "gpu_check.log").is_file()
+
+
+def test_gpu_check_stops_starting_stages_when_the_budget_is_spent(tmp_path):
+    code, results, output = _gpu_check(tmp_path, GPU_CHECK_BUDGET_S="3")
+    assert code == 0, output[-3000:]
+    ran = [e for e in results["stages"] if e["stage"] != "env" and e["status"] not in ("skipped", "dropped")]
+    assert ran == []
+    assert any("budget spent" in e.get("reason", "") for e in results["stages"])
