@@ -30,6 +30,9 @@ from __future__ import annotations
 import torch
 
 
+HEAD_OPTIMIZER_IMPLS = ("torch", "apex")  # optimizer.head_impl
+
+
 class HeadAdamW(torch.optim.Optimizer):
     """AdamW (decoupled decay, torch.optim.AdamW's arithmetic) over `head.weight`, per-row step counts.
 
@@ -62,8 +65,8 @@ class HeadAdamW(torch.optim.Optimizer):
         state["exp_avg"] = torch.zeros_like(weight, memory_format=torch.contiguous_format)
         state["exp_avg_sq"] = torch.zeros_like(weight, memory_format=torch.contiguous_format)
         state["row_steps"] = torch.zeros(weight.shape[0], dtype=torch.int64, device=weight.device)
-        if impl not in ("torch", "apex"):
-            raise ValueError(f"optimizer.head_impl={impl!r} is not one of torch, apex")
+        if impl not in HEAD_OPTIMIZER_IMPLS:
+            raise ValueError(f"optimizer.head_impl={impl!r} is not one of {', '.join(HEAD_OPTIMIZER_IMPLS)}")
         self.impl = impl
         self._fused = _apex_fused_adam(weight, state, sparse_rows) if impl == "apex" else None
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -52,10 +53,6 @@ __all__ = [
     "infer_variant",
     "no_weight_decay_names",
 ]
-
-ATTN_IMPLS = ("sdpa", "math")
-NORM_IMPLS = ("torch", "apex")
-
 
 @dataclass(frozen=True)
 class ViTArgs:
@@ -164,7 +161,7 @@ def _apex_layer_norm(dim: int, eps: float) -> nn.Module:
     return FusedLayerNorm(dim, eps=eps)
 
 
-_NORM_FNS: dict[str, Callable[[int, float], nn.Module]] = {
+NORM_IMPLS: dict[str, Callable[[int, float], nn.Module]] = {
     "torch": lambda dim, eps: nn.LayerNorm(dim, eps=eps),
     "apex": _apex_layer_norm,
 }
@@ -172,9 +169,9 @@ _NORM_FNS: dict[str, Callable[[int, float], nn.Module]] = {
 
 def build_layer_norm(dim: int, eps: float, norm_impl: str) -> nn.Module:
     """A LayerNorm over the last dimension from the `norm_impl` registry (NORM_IMPLS)."""
-    if norm_impl not in _NORM_FNS:
-        raise ValueError(f"ViTArgs.norm_impl={norm_impl!r} is not one of {sorted(_NORM_FNS)} (model.norm_impl)")
-    return _NORM_FNS[norm_impl](dim, eps)
+    if norm_impl not in NORM_IMPLS:
+        raise ValueError(f"ViTArgs.norm_impl={norm_impl!r} is not one of {sorted(NORM_IMPLS)} (model.norm_impl)")
+    return NORM_IMPLS[norm_impl](dim, eps)
 
 
 def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -186,7 +183,8 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     return weights.softmax(dim=-1) @ v  # (B, heads, N, head_dim)
 
 
-_ATTENTION_FNS: dict[str, Callable[..., torch.Tensor]] = {"sdpa": _sdpa_attention, "math": _math_attention}
+ATTN_IMPLS: dict[str, Callable[..., torch.Tensor]] = {"sdpa": _sdpa_attention, "math": _math_attention}
+"""The attention implementations by name (model.attn_impl): one function of (q, k, v) each."""
 
 
 class Attention(nn.Module):
@@ -196,13 +194,13 @@ class Attention(nn.Module):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"ViTArgs.embed_dim={dim} must be divisible by num_heads={num_heads}")
-        if attn_impl not in _ATTENTION_FNS:
-            raise ValueError(f"ViTArgs.attn_impl={attn_impl!r} is not one of {sorted(_ATTENTION_FNS)}")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"ViTArgs.attn_impl={attn_impl!r} is not one of {sorted(ATTN_IMPLS)}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.attn_impl = attn_impl
-        self.attend = _ATTENTION_FNS[attn_impl]
+        self.attend = ATTN_IMPLS[attn_impl]
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=True)
 
@@ -243,6 +241,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))  # (B, N, D)
         return x + self.drop_path(self.mlp(self.norm2(x)))  # (B, N, D)
+
+
+def image_size_for(grid: int, patch_size: int) -> int:
+    """Input size of a ViT with a grid x grid patch grid: 112 when it fits (112 // 9 = 12: the patch
+    convolution ignores the last 4 pixels), else grid * patch_size."""
+    return 112 if 112 // patch_size == grid else grid * patch_size
 
 
 class PatchEmbed(nn.Module):
@@ -341,6 +345,11 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> embeddings (B, num_features), not L2-normalised."""
         return self.feature(self.forward_features(x))  # (B, num_features)
+
+    @property
+    def image_size(self) -> int:
+        """The input size (pixels per side) this backbone expects."""
+        return image_size_for(math.isqrt(self.num_patches), self.patch_embed.proj.kernel_size[0])
 
 
 def _nearest(name: str, valid: list[str]) -> str:
