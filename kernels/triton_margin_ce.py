@@ -226,8 +226,11 @@ class TritonMarginCE:
         splits = max(1, min(wanted, class_blocks))
         per_split = triton.cdiv(class_blocks, splits) * block_c
         splits = max(1, triton.cdiv(used, per_split))
-        part_max = torch.empty(splits, n, dtype=torch.float32, device=x_hat.device)
-        part_sum = torch.empty(splits, n, dtype=torch.float32, device=x_hat.device)
+        if splits == 1 and out_max is not None:  # the kernel writes the caller's buffers directly
+            part_max, part_sum = out_max.view(1, n), out_sum.view(1, n)
+        else:
+            part_max = torch.empty(splits, n, dtype=torch.float32, device=x_hat.device)
+            part_sum = torch.empty(splits, n, dtype=torch.float32, device=x_hat.device)
         if used == 0:
             part_max.fill_(-math.inf)
             part_sum.zero_()
@@ -243,7 +246,7 @@ class TritonMarginCE:
         else:
             row_max = part_max.amax(dim=0)
             row_sum = (part_sum * torch.exp(part_max - row_max)).sum(dim=0)
-        if out_max is not None:
+        if out_max is not None and row_max.data_ptr() != out_max.data_ptr():
             row_max, row_sum = out_max.copy_(row_max), out_sum.copy_(row_sum)
         return row_max, row_sum
 
