@@ -12,8 +12,8 @@ import logging
 import sys
 
 
-# Modules that add subcommands (eval, export, embed, pack, inspect, reshard, bench, ...).
-COMMAND_MODULES: list[str] = ["lvface.checkpoint", "lvface.eval.commands", "lvface.data.pack"]
+# Modules that add subcommands (reshard; eval, embed; export; pack, inspect).
+COMMAND_MODULES: list[str] = ["lvface.checkpoint", "lvface.eval.commands", "lvface.export", "lvface.data.pack"]
 
 
 def _synth(args: argparse.Namespace) -> int:

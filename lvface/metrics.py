@@ -10,7 +10,7 @@ import logging
 import time
 from pathlib import Path
 
-from lvface.data.recordio import atomic_open
+from lvface.files import atomic_open
 
 log = logging.getLogger(__name__)
 
