@@ -20,8 +20,9 @@ backend.backward. A backend never communicates and never holds the [N, C] logits
                  (g / eps where |w| <= eps, F.normalize's convention).
 
 Backends (BACKENDS): "chunked" = TorchMarginCE here (GEMM per class chunk into a reused [c, N]
-workspace); "triton" = kernels/triton_margin_ce.py (imported lazily, so lvface imports without triton).
-A new backend is one class with these two methods.
+workspace); "triton" = TritonMarginCE in kernels/triton_margin_ce.py (imported lazily by the head's
+build_backend, so lvface imports without triton). A new backend is one class with these two methods
+in its own file here, plus its line in lvface/heads/sharded_softmax.build_backend.
 
 Products on CUDA: the torch backend runs fp32 inputs as TF32 products with fp32 accumulation
 (10-bit mantissa inputs; insightface's PartialFC_V2 computes its logits in fp16 under autocast, which
@@ -258,19 +259,3 @@ class TorchMarginCE:
         if need_x:
             grad_x = grad_x.to(x_hat.dtype)
         return grad_x if need_x else None, grad_centers if need_centers else None
-
-
-def build_backend(name: str, *, chunk_bytes: int = 64 << 20):
-    """A fresh backend object by name ("chunked" or "triton"); "triton" raises if triton is missing."""
-    if name == "chunked":
-        return TorchMarginCE(chunk_bytes)
-    if name == "triton":
-        if not triton_available():
-            raise RuntimeError(
-                "loss.impl=triton needs the triton package, which is not installed; install triton "
-                "(pip install triton) or set loss.impl to auto, chunked or dense"
-            )
-        from lvface.kernels.triton_margin_ce import TritonMarginCE
-
-        return TritonMarginCE()
-    raise ValueError(f"unknown margin CE backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -42,7 +42,7 @@ from torch import nn
 from lvface.heads.margin import Margin, margin_from_config
 from lvface.heads.prototypes import check_stage, describe_stage, uses_learned_centers
 from lvface.kernels.epl_update import epl_update_
-from lvface.kernels.margin_ce import NORM_EPS, TorchMarginCE, build_backend, target_cosines, triton_available
+from lvface.kernels.margin_ce import NORM_EPS, TorchMarginCE, target_cosines, triton_available
 from lvface.kernels.pfc_sample import mix_seed, sample_seed, select_rows
 
 log = logging.getLogger(__name__)
@@ -268,6 +268,23 @@ def blockwise_margin_cross_entropy(
     return _MarginCrossEntropy.apply(
         normalized_embeddings, centers, local_targets, rows, margin, backend, group, world_size
     )
+
+
+def build_backend(name: str, *, chunk_bytes: int = 64 << 20):
+    """A fresh margin CE backend object by name ("chunked" or "triton"; the modules of kernels/),
+    the Triton one imported only here, so lvface imports without triton."""
+    if name == "chunked":
+        return TorchMarginCE(chunk_bytes)
+    if name == "triton":
+        if not triton_available():
+            raise ValueError(
+                "loss.impl=triton needs the triton package, which is not installed: install triton, or set "
+                "loss.impl to auto (triton where available), chunked or dense"
+            )
+        from lvface.kernels.triton_margin_ce import TritonMarginCE
+
+        return TritonMarginCE()
+    raise ValueError(f"unknown margin CE backend {name!r}; choose chunked or triton")
 
 
 IMPLS = ("auto", "triton", "chunked", "dense")
