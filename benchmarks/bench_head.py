@@ -4,7 +4,8 @@ Spawns --ranks real processes (gloo on CPU, nccl on CUDA, one GPU per rank), fre
 each implementation's peak is its own. Every rank builds a ShardedMarginHead over its shard of
 --classes, takes random embeddings [batch / ranks, dim] and labels, and times `loss = head(e, y);
 loss.backward()` (the W gradient is released between steps, as zero_grad(set_to_none=True) does). No
-optimizer step, no prototype update (--centers both adds the prototype CE pass).
+optimizer step; the prototype update runs untimed after each step (--centers both adds the prototype
+CE pass).
 
     s_per_step   mean wall time of the timed steps (after one warm-up step), slowest rank
     peak_rss_mb  per-rank peak resident memory (VmHWM of the rank process), largest over ranks
@@ -129,6 +130,7 @@ def _rank_main(rank: int, args: argparse.Namespace, impl: str, port: int, out_di
         dist.barrier(group=group)
         if step:  # step 0 warms up
             times.append(time.perf_counter() - start)
+        head.update_prototypes()  # untimed: releases the embeddings the head keeps for the EPL update
     record = {
         "s_per_step": sum(times) / len(times),
         "peak_rss_mb": _status_mb("VmHWM"),

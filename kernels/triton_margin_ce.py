@@ -186,13 +186,15 @@ def _block_d(dim: int) -> int:
 
 
 class TritonMarginCE:
-    """The "triton" backend (see the module docstring). Block sizes are fixed, not autotuned yet: the
-    first GPU run should sweep them (BLOCK_N, BLOCK_C in 64 / 128, num_warps, num_stages)."""
+    """The "triton" backend (see the module docstring). Block sizes follow a shared-memory rule
+    (`_blocks`), not autotuning yet: the first GPU run should sweep BLOCK_N, BLOCK_C, num_warps and
+    num_stages. All kernels compile for sm_90 with triton 3.9 (checked ahead of time on a machine
+    without a GPU, `triton.compile(..., target=GPUTarget("cuda", 90, 32))`); none has run on a GPU yet."""
 
     name = "triton"
     workspace_bytes = 0
 
-    def __init__(self, block_n: int = 64, block_c: int = 64, max_splits: int | None = None):
+    def __init__(self, block_n: int | None = None, block_c: int | None = None, max_splits: int | None = None):
         self.block_n, self.block_c, self.max_splits = block_n, block_c, max_splits
 
     @staticmethod
@@ -207,18 +209,25 @@ class TritonMarginCE:
 
     @staticmethod
     def _precision(x_hat) -> str:
-        return "tf32" if x_hat.is_cuda and x_hat.dtype == torch.float32 else "ieee"
+        """tl.dot's input precision: TF32 for fp32 operands on a GPU (bf16 / fp16 go to the tensor cores
+        as they are; the setting only concerns fp32), exact fp32 under the interpreter."""
+        return "tf32" if x_hat.is_cuda else "ieee"
 
-    def _blocks(self, n: int, dim: int) -> tuple[int, int, int]:
+    def _blocks(self, n: int, dim: int, element_size: int) -> tuple[int, int, int]:
+        """(BLOCK_N, BLOCK_C, BLOCK_D). By default a [BLOCK, D] operand tile holds at most 64 KiB: compiled
+        for sm_90 (triton 3.9, default 3 stages) the backward kernels then take 197 KB of shared memory
+        with fp32 operands at D = 512 (32-row tiles) and 131 KB with bf16 (64-row tiles), under the
+        H100 / H200 limit of 227 KB; 64 x 64 fp32 tiles would need 393 KB and fail to launch."""
         block_d = _block_d(dim)
-        block_n = min(self.block_n, max(16, triton.next_power_of_2(n)))
-        return block_n, self.block_c, block_d
+        default = max(16, min(64, (64 << 10) // (block_d * element_size)))
+        block_n = min(self.block_n or default, max(16, triton.next_power_of_2(n)))
+        return block_n, self.block_c or default, block_d
 
     def forward(self, x_hat, centers, targets, rows, target_logit, scale: float, *, out_max=None, out_sum=None):
         self._check(x_hat, centers)
         n, dim = x_hat.shape
         used = num_used(centers, rows)
-        block_n, block_c, block_d = self._blocks(n, dim)
+        block_n, block_c, block_d = self._blocks(n, dim, x_hat.element_size())
         row_blocks = triton.cdiv(n, block_n)
         class_blocks = triton.cdiv(used, block_c)
         # enough programs to fill the GPU at small N: split the classes, merge the splits below
@@ -239,7 +248,7 @@ class TritonMarginCE:
                 x_hat, centers, rows if rows is not None else targets, targets, target_logit.float().contiguous(),
                 part_max, part_sum, n, used, dim, x_hat.stride(0), centers.stride(0), per_split, float(scale),
                 HAS_ROWS=rows is not None, EPS=NORM_EPS, INPUT_PRECISION=self._precision(x_hat), UPCAST=_upcast(x_hat),
-                BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d,
+                BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=_warps(block_d),
             )
         if splits == 1:
             row_max, row_sum = part_max[0], part_sum[0]
@@ -257,14 +266,14 @@ class TritonMarginCE:
         self._check(x_hat, centers)
         n, dim = x_hat.shape
         used = num_used(centers, rows)
-        block_n, block_c, block_d = self._blocks(n, dim)
+        block_n, block_c, block_d = self._blocks(n, dim, x_hat.element_size())
         args = (
             x_hat, centers, rows if rows is not None else targets, targets, target_logit.float().contiguous(),
             target_slope.float().contiguous(), lse.float().contiguous(), coef.float().reshape(1),
         )
         meta = dict(
             HAS_ROWS=rows is not None, EPS=NORM_EPS, INPUT_PRECISION=self._precision(x_hat), UPCAST=_upcast(x_hat),
-            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d,
+            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=_warps(block_d),
         )
         if need_x:
             grad_x = torch.empty_like(x_hat) if grad_x is None else grad_x
@@ -286,6 +295,12 @@ class TritonMarginCE:
                     float(scale), **meta,
                 )
         return grad_x if need_x else None, grad_centers if need_centers else None
+
+
+def _warps(block_d: int) -> int:
+    """Warps per program: the [BLOCK, D] fp32 accumulator of the backward passes needs the registers of
+    8 warps at D = 512 (a first guess; the GPU sweep decides)."""
+    return 8 if block_d >= 256 else 4
 
 
 def _upcast(x_hat) -> bool:

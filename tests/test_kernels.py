@@ -387,3 +387,70 @@ def test_lvface_imports_and_trains_without_triton():
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=300)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compiled for a GPU ahead of time (catches what the interpreter does not: compile errors, shared memory)
+# --------------------------------------------------------------------------------------------------
+
+_AOT_SCRIPT = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lvface.kernels import triton_margin_ce as m
+from lvface.kernels import triton_epl as e
+
+target = GPUTarget("cuda", 90, 32)  # H100 / H200
+out = {}
+for dtype, element_size in (("bf16", 2), ("fp32", 4)):
+    block_n, block_c, block_d = m.TritonMarginCE()._blocks(24576, 512, element_size)
+    consts = dict(HAS_ROWS=True, EPS=1e-12, INPUT_PRECISION="tf32", UPCAST=False,
+                  BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d)
+    head = {"x_ptr": "*" + dtype, "w_ptr": "*" + dtype, "rows_ptr": "*i64", "tgt_ptr": "*i64", "tlogit_ptr": "*fp32"}
+    dims = {"N": "i32", "C": "i32", "D": "i32", "stride_x": "i32", "stride_w": "i32"}
+    meta = {k: "constexpr" for k in consts}
+    signatures = {
+        "forward": (m._forward_kernel, {**head, "max_ptr": "*fp32", "sum_ptr": "*fp32", **dims,
+                                        "classes_per_split": "i32", "scale": "fp32", **meta}),
+    }
+    for name, kernel, out_ptr, stride in (("grad_x", m._grad_x_kernel, "dx_ptr", "stride_dx"),
+                                          ("grad_w", m._grad_w_kernel, "dw_ptr", "stride_dw")):
+        signatures[name] = (kernel, {**head, "tslope_ptr": "*fp32", "lse_ptr": "*fp32", "coef_ptr": "*fp32",
+                                     out_ptr: "*" + dtype, **dims, stride: "i32", "scale": "fp32", **meta})
+    for name, (kernel, signature) in signatures.items():
+        if dtype == "bf16" and name != "grad_w":  # bf16 tiles are half the bytes: the largest one suffices
+            continue
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts), target=target,
+                                  options={"num_warps": m._warps(block_d)})
+        out[f"{name}/{dtype}"] = compiled.metadata.shared
+signature = {"feat_ptr": "*fp32", "order_ptr": "*i64", "offsets_ptr": "*i64", "seg_rows_ptr": "*i64",
+             "proto_ptr": "*fp32", "D": "i32", "stride_f": "i32", "stride_p": "i32", "momentum": "fp32",
+             "ADAPTIVE": "constexpr", "EPS": "constexpr", "BLOCK_D": "constexpr"}
+compiled = triton.compile(ASTSource(fn=e._epl_kernel, signature=signature,
+                                    constexprs={"ADAPTIVE": True, "EPS": 1e-12, "BLOCK_D": 512}), target=target)
+out["epl/fp32"] = compiled.metadata.shared
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels natively above")
+def test_kernels_compile_for_hopper_within_shared_memory():
+    """Every kernel compiles to sm_90 machine code (triton's bundled ptxas) at the production shape
+    D = 512 with the default blocks, within the 227 KB of shared memory an H100 / H200 block may use."""
+    import json
+    from pathlib import Path
+
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton has no bundled ptxas")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shared = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(shared) == {"forward/fp32", "grad_x/fp32", "grad_w/fp32", "grad_w/bf16", "epl/fp32"}
+    for name, size in shared.items():
+        assert size <= 227 * 1024, f"{name} needs {size} bytes of shared memory, more than an sm_90 block has"

@@ -227,7 +227,7 @@ class _MarginCrossEntropy(torch.autograd.Function):
         lse = global_max + stats[0].log()
         ctx.save_for_backward(x_hat, centers, local_targets, rows, lse, target_cos, target_logit)
         ctx.margin, ctx.backend = margin, backend
-        return (lse - stats[1]).mean().to(x_hat.dtype)
+        return (lse - stats[1]).mean()  # fp32 (fp64 for fp64 inputs) also for bf16 / fp16 embeddings
 
     @staticmethod
     def backward(ctx, grad_loss):
