@@ -137,8 +137,9 @@ class LossConfig:
     """EPL prototype update: adaptive (similarity-adaptive factor) or momentum (fixed)."""
     prototype_momentum: float = 0.9
     """Fixed momentum a for prototype_update=momentum: P <- normalize(a * P + (1 - a) * mean)."""
-    impl: str = "chunked"
-    """Margin-softmax path: chunked (blockwise, never holds the [N, C_local] logits) or dense (reference)."""
+    impl: str = "auto"
+    """Margin-softmax path: auto (triton on CUDA when triton imports, else chunked), triton (fused kernels),
+    chunked (blockwise torch GEMMs; neither holds the [N, C_local] logits) or dense (reference)."""
     chunk_mb: int = 64
     """Memory budget of one chunk of the chunked path, in MiB."""
 
