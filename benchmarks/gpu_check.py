@@ -162,7 +162,7 @@ def main() -> int:
         # the per-rank shape of WebFace42M on 64 GPUs (issue 10), then the whole 2M classes on one GPU
         shapes = [dict(batch=24576, classes=32187, dim=512), dict(batch=8192, classes=2_000_000, dim=512)]
         memory_mb = float(os.environ.get("GPU_CHECK_MEMORY_MB", facts.get("memory_free_mb", 0)))
-        common = ["--device", "cuda", "--ranks", "1", "--steps", "5"]
+        common = ["--device", "cuda", "--ranks", "1", "--steps", "5", "--dtype", "bf16"]  # issue 10's goals are bf16
     for shape in shapes:
         for impl in ("triton", "dense", "chunked"):
             fields = {"impl": impl, **shape, "sample_rate": 1.0}
@@ -184,6 +184,13 @@ def main() -> int:
             check.run("head", [py, str(BENCH / "bench_head.py"), "--impl", impl, "--batch", str(shape["batch"]),
                                "--classes", str(shape["classes"]), "--dim", str(shape["dim"]), "--sample-rate", "1.0",
                                *common, "--json", str(json_file)], limit_s=90, json_file=json_file, **fields)
+
+    # the sampler and the EPL update against their torch compositions (kernels/pfc_sample.py, epl_update.py)
+    json_file = scratch / "head_micro.json"
+    micro_device = (["--device", "cpu", "--threads", "1", "--batch", "64", "--classes", "1000"] if dry else
+                    ["--device", "cuda", "--batch", "24576", "--classes", "32187"])
+    check.run("head", [py, str(BENCH / "bench_head.py"), "--micro", "sampler", "epl", *micro_device,
+                       "--json", str(json_file)], limit_s=60, json_file=json_file, impl="micro")
 
     # step: a full training step, ViT-T and ViT-L with the fused head (bench_step.py when it exists)
     json_file = scratch / "step.json"
