@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from lvface.checkpoint_files import add_checkpoint_args
 from lvface.files import atomic_write_json
@@ -31,19 +30,22 @@ log = logging.getLogger(__name__)
 
 def run_verify(checkpoint: str, bins: list[str], *, model: str | None = None, batch_size: int = 64,
                device: str = "auto") -> dict[str, dict]:
-    """10-fold accuracy, AUC and TAR@FAR of each .bin set: {set name: evaluate_pairs result}."""
+    """10-fold accuracy, AUC and TAR@FAR of each .bin set: {set name: evaluate_pairs result}. The set
+    name is the file's stem, or a longer part of its path where two files share a stem."""
     from lvface.checkpoint_files import load_backbone
-    from lvface.eval.embed import build_model_fn, pick_device
     from lvface.data.verification_bin import load_bin
+    from lvface.eval.verification import verification_set_names
+    from lvface.eval.embed import build_model_fn, pick_device
     from lvface.eval.verification import embed_flip_sum, evaluate_pairs
 
+    names = verification_set_names(bins)  # before the model loads: a listed-twice file fails fast
     backbone = load_backbone(checkpoint, model)
     model_fn = build_model_fn(backbone.module, pick_device(device))
     results = {}
-    for path in bins:
+    for name, path in zip(names, bins):
         images, issame = load_bin(path, image_size=backbone.module.image_size)
         embeddings = embed_flip_sum(model_fn, images, batch_size)
-        results[Path(path).stem] = {**evaluate_pairs(embeddings, issame), "path": str(path)}
+        results[name] = {**evaluate_pairs(embeddings, issame), "path": str(path)}
     return results
 
 

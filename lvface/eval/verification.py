@@ -8,6 +8,8 @@ files themselves are read and written by lvface/data/verification_bin.py.
 
 from __future__ import annotations
 
+import os
+from pathlib import PurePath
 from typing import Callable, Sequence
 
 import numpy as np
@@ -148,3 +150,24 @@ def evaluate_pairs(embeddings: np.ndarray, issame: np.ndarray, nrof_folds: int =
         "tar_at_far": tar_at_far(scores, issame),
         "num_pairs": int(issame.size),
     }
+
+
+def verification_set_names(paths: list[str]) -> list[str]:
+    """A distinct name per .bin file, for result keys, metric labels and table rows: the file's stem
+    where no other file has it, else the shortest trailing part of its path (without the extension)
+    that tells it apart: ``a/lfw.bin`` and ``b/lfw.bin`` become ``a/lfw`` and ``b/lfw``. The same
+    file given twice is an error naming it."""
+    stems = [PurePath(os.path.splitext(os.path.abspath(path))[0]).parts for path in paths]
+    first_listed: dict[tuple[str, ...], str] = {}
+    for path, parts in zip(paths, stems):
+        if parts in first_listed:
+            raise ValueError(f"verification set {path} is listed twice ({first_listed[parts]} and {path}); "
+                             "list each .bin file once")
+        first_listed[parts] = path
+    names = []
+    for index, parts in enumerate(stems):
+        others = stems[:index] + stems[index + 1:]
+        # distinct absolute paths differ in some trailing part, at the latest at the root
+        length = next(k for k in range(1, len(parts) + 1) if all(other[-k:] != parts[-k:] for other in others))
+        names.append(PurePath(*parts[-length:]).as_posix())
+    return names
