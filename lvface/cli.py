@@ -13,7 +13,7 @@ import sys
 
 
 # Modules that add subcommands (eval, export, embed, pack, inspect, reshard, bench, ...).
-COMMAND_MODULES: list[str] = ["lvface.checkpoint", "lvface.eval.commands", "lvface.data.pack"]
+COMMAND_MODULES: list[str] = ["lvface.checkpoint", "lvface.eval.commands", "lvface.data.pack", "lvface.plot"]
 
 
 def _synth(args: argparse.Namespace) -> int:

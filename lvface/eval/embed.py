@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from lvface.models import VisionTransformer, build_vit, infer_variant
+from lvface.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,7 @@ def embed_images(model_fn: Callable[[torch.Tensor], torch.Tensor], files: Sequen
                                          num_workers=num_workers, shuffle=False)
     outputs = []
     with torch.no_grad():
-        for images in loader:
+        for images in progress(loader, desc="embed", unit="batch"):
             batch = normalize_images(images)  # (B, 3, S, S) in [-1, 1]
             features = model_fn(batch).float()
             if flip:
