@@ -22,6 +22,7 @@ The training loop uses a small API (`TrainMetrics`):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import time
@@ -164,6 +165,8 @@ class TrainMetrics:
         self.totals = dict.fromkeys(PHASES + ("step",), 0.0)
         """Seconds of each phase (and of whole steps) summed over all finished steps."""
         self.steps = 0
+        self.recent: collections.deque[dict] = collections.deque(maxlen=1000)
+        """Seconds of each phase and of the step, per step, for the last 1000 steps (benchmarks/bench_step.py)."""
         self.last_step_end = time.perf_counter()
         self._counter_totals: dict[str, float] = {}
         self.port = port + local_rank if self.enabled else 0
@@ -233,6 +236,7 @@ class TrainMetrics:
         self.totals["step"] += step_seconds
         for name, seconds in self.pending.items():
             self.totals[name] += seconds
+        self.recent.append({"step": step_seconds, **self.pending})
         if self.enabled:
             self.children["step_seconds"].observe(step_seconds)
             for name, seconds in self.pending.items():

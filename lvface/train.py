@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     last_results = evaluate() if verifier else {}
     save()
     loader.close()
-    summary = {"steps": step, "first_loss": first_loss, "last_loss": last_loss,
+    summary = {"steps": step, "first_loss": first_loss, "last_loss": last_loss, "timing": metrics.summary(),
                "first_accuracy": {k: float(v["accuracy"]) for k, v in first_results.items()},
                "last_accuracy": {k: float(v["accuracy"]) for k, v in last_results.items()},
                "checkpoint": str(root / f"step{step:08d}")}
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         (Path(cfg.train.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
         log.info("done: %s", summary)
     dist.barrier(group=info.group)
-    return summary
+    return summary | {"step_phases": list(metrics.recent), "peak_memory_bytes": metrics.set_memory()}
 
 
 def cli(argv: list[str] | None = None) -> int:
