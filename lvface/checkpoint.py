@@ -28,19 +28,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lvface.checkpoint_head import atomic_torch_save, load_head_shards, save_head_shard
-from lvface.data.recordio import atomic_open
+from lvface.checkpoint_files import BACKBONE_FILE, CONFIG_FILE, LATEST, TRAIN_STATE_FILE
+from lvface.checkpoint_head import load_head_shards, save_head_shard
+from lvface.files import atomic_torch_save, atomic_write_text
 from lvface.progress import run_with_progress
 
 log = logging.getLogger(__name__)
-
-LATEST = "latest"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_open(str(path), "w") as handle:
-        handle.write(text)
-
 
 @contextmanager
 def gathered_parameters(module: torch.nn.Module, stage: int):
@@ -91,9 +84,9 @@ def save_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, confi
         backbone = plain_state_dict(engine.module) if rank == 0 else None
     save_head_shard(folder, head, head_optimizer, extra={"step": train_state["step"]})
     if rank == 0:
-        atomic_torch_save(backbone, folder / "backbone.pt")
-        atomic_write_text(folder / "config.yaml", config_yaml)
-        atomic_write_text(folder / "train_state.json", json.dumps(train_state, indent=1))
+        atomic_torch_save(backbone, folder / BACKBONE_FILE)
+        atomic_write_text(folder / CONFIG_FILE, config_yaml)
+        atomic_write_text(folder / TRAIN_STATE_FILE, json.dumps(train_state, indent=1))
     dist.barrier(group=group)
     if rank == 0:
         atomic_write_text(root / LATEST, tag)
@@ -138,7 +131,7 @@ def prepare_resume(root: Path, tag: str, *, world_size: int, rank: int, group, d
     temporary name and renamed), and the engine is told to load universal checkpoints. The head's
     shards are re-split by lvface itself (lvface/checkpoint_head.py).
     """
-    state_file = root / tag / "train_state.json"
+    state_file = root / tag / TRAIN_STATE_FILE
     if not state_file.is_file():
         raise FileNotFoundError(f"{state_file} is missing: {root / tag} is not a complete lvface checkpoint")
     saved_world = json.loads(state_file.read_text())["world_size"]
@@ -175,27 +168,12 @@ def load_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, engin
     if engine_root != root:
         # A universal checkpoint restores parameters and optimizer state but not module buffers
         # (BatchNorm running statistics): take them from the checkpoint's plain backbone.
-        saved = torch.load(root / tag / "backbone.pt", map_location="cpu", weights_only=True)
+        saved = torch.load(root / tag / BACKBONE_FILE, map_location="cpu", weights_only=True)
         with torch.no_grad():
             for name, buffer in engine.module.named_buffers():
                 buffer.copy_(saved[name])
     log.info("resumed from %s", root / tag)
     return client_state["lvface"]
-
-
-def load_backbone_file(path: str | Path, module: torch.nn.Module) -> None:
-    """Strictly load a plain backbone state_dict (insightface arcface_torch, LVFace, or our backbone.pt)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint.init_backbone={path}: no such file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{path} does not match the configured backbone (model.name): {exc}") from None
 
 
 def _reshard_command(args) -> int:

@@ -15,14 +15,13 @@ does the same offline, writing a new set of shard files.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from lvface.data.recordio import atomic_open
+from lvface.files import atomic_torch_save
 from lvface.heads.sharded_softmax import shard_range
 from lvface.progress import progress
 
@@ -38,23 +37,6 @@ _COMMON_KEYS = ("format", "version", "num_classes", "embedding_size", "stage", "
 
 def shard_file_name(rank: int, world_size: int) -> str:
     return f"head_shard_{rank:05d}_of_{world_size:05d}.pt"
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temporary file next to `path`, flushed to disk, renamed over `path` (recordio's
-    atomic_open), then the folder synced so the rename itself is durable."""
-    with atomic_open(str(path)) as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on a directory; the rename is still atomic
 
 
 def _shard_payload(head, opt, extra: dict) -> dict:

@@ -117,6 +117,8 @@ def _default_stages() -> list[StageConfig]:
 
 @dataclass
 class LossConfig:
+    margin: str = "combined"
+    """Margin family (lvface.heads.margin.MARGINS); "combined" is insightface's (m1, m2, m3) margin."""
     scale: float = 64.0
     """Logit scale s."""
     m1: float = 1.0
@@ -144,7 +146,7 @@ class OptimizerConfig:
     name: str = "adamw"
     """Optimizer of both the backbone (inside DeepSpeed) and the head (outside it)."""
     lr: float = 1e-3
-    """Peak learning rate (after warmup), for a global batch of train.reference_batch_size if set."""
+    """Peak learning rate (after warmup)."""
     weight_decay: float = 0.1
     """Decoupled weight decay; biases, norms, pos_embed and mask_token get none."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -242,17 +244,32 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-_CHOICES = {
-    "model.attn_impl": ("sdpa", "math"),
+# Choices that belong to this file; the others are registries owned by the module that implements
+# them (read by _choices), so adding an implementation is one line in one place.
+_OWN_CHOICES = {
     "data.loader": ("auto", "dali", "torch"),
-    "loss.gradient": ("insightface", "exact"),
-    "loss.prototype_update": ("adaptive", "momentum"),
-    "loss.impl": ("chunked", "dense"),
-    "loss.stages.centers": ("learned", "prototypes", "both"),
     "optimizer.name": ("adamw",),
     "schedule.decay": ("polynomial", "cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
 }
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Every key with a fixed set of values -> the values. Imported here, not at the top: config is the
+    bottom of the package and these modules import nothing from it."""
+    from lvface.heads import IMPLS
+    from lvface.heads.margin import GRADIENTS, MARGINS
+    from lvface.heads.prototypes import PROTOTYPE_UPDATES
+    from lvface.models.vit import ATTN_IMPLS
+
+    return {
+        **_OWN_CHOICES,
+        "model.attn_impl": tuple(ATTN_IMPLS),
+        "loss.margin": tuple(MARGINS),
+        "loss.gradient": tuple(GRADIENTS),
+        "loss.prototype_update": tuple(PROTOTYPE_UPDATES),
+        "loss.impl": tuple(IMPLS),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,34 +336,22 @@ def _build(cls: type, data: dict, where: str = "") -> Any:
 
 
 def _check_choices(cfg: Config) -> None:
-    for dotted, allowed in _CHOICES.items():
-        parts = dotted.split(".")
-        if parts[:2] == ["loss", "stages"]:
-            values = [(f"loss.stages[{i}].{parts[2]}", getattr(s, parts[2])) for i, s in enumerate(cfg.loss.stages)]
-        else:
-            values = [(dotted, getattr(getattr(cfg, parts[0]), parts[1]))]
-        for name, value in values:
-            if value not in allowed:
-                raise ConfigError(f"config key '{name}' is {value!r}; choose one of {', '.join(allowed)}")
+    for dotted, allowed in _choices().items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{dotted}' is {value!r}; choose one of {', '.join(allowed)}")
 
 
 def validate(cfg: Config) -> Config:
     """Cross-field checks that a type annotation cannot express."""
+    from lvface.heads.prototypes import check_stages
+
     _check_choices(cfg)
-    if not cfg.loss.stages:
-        raise ConfigError("config key 'loss.stages' is empty; give at least one stage")
-    previous = 0.0
-    for i, stage in enumerate(cfg.loss.stages):
-        if stage.end_epoch <= previous:
-            raise ConfigError(
-                f"config key 'loss.stages[{i}].end_epoch' is {stage.end_epoch}, not after the previous "
-                f"stage's end {previous}; stages must be in increasing order"
-            )
-        if not 0.0 < stage.sample_rate <= 1.0:
-            raise ConfigError(f"config key 'loss.stages[{i}].sample_rate' is {stage.sample_rate}; it must be in (0, 1]")
-        if not 0.0 <= stage.prototype_weight <= 1.0:
-            raise ConfigError(f"config key 'loss.stages[{i}].prototype_weight' must be in [0, 1]")
-        previous = stage.end_epoch
+    try:
+        check_stages(cfg.loss.stages)
+    except ValueError as error:
+        raise ConfigError(f"config key {error}") from None
     for name in ("batch_size",):
         if getattr(cfg.data, name) <= 0:
             raise ConfigError(f"config key 'data.{name}' must be positive")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import logging
 import os
 import time
@@ -39,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lvface.eval.embed import module_image_size
 from lvface.models import VisionTransformer
 from lvface.progress import progress
 
@@ -62,7 +60,7 @@ def build_export_model(module: VisionTransformer) -> VisionTransformer:
                                drop_rate=0.0, attn_impl="math")
     patch_size = module.patch_embed.proj.kernel_size[0]
     with torch.device("meta"):  # the weights come from `module`
-        export_model = VisionTransformer(args, num_features=module.num_features, img_size=module_image_size(module),
+        export_model = VisionTransformer(args, num_features=module.num_features, img_size=module.image_size,
                                          patch_size=patch_size)
     state = {key: value.detach().float().cpu().clone() if value.is_floating_point() else value.detach().cpu().clone()
              for key, value in module.state_dict().items()}
@@ -78,7 +76,7 @@ def export_onnx(module: VisionTransformer, output: str | Path, opset: int = DEFA
     if weight_bytes > ONNX_PROTOBUF_LIMIT:
         raise ValueError(f"the backbone's fp32 weights take {weight_bytes / 2**30:.2f} GiB: over ONNX's 2 GiB "
                          f"single-file limit (and MFR-Ongoing's 1 GiB); export a smaller variant")
-    size = module_image_size(export_model)
+    size = export_model.image_size
     example = torch.randn(2, 3, size, size)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
@@ -158,7 +156,7 @@ def check_onnx(onnx_path: str | Path, module: torch.nn.Module, *, parity_batches
 
     onnx_path = Path(onnx_path)
     module = build_export_model(module) if isinstance(module, VisionTransformer) else module.float().eval()
-    image_size = module_image_size(module) if isinstance(module, VisionTransformer) else 112
+    image_size = module.image_size if isinstance(module, VisionTransformer) else 112
     model = onnx.load(str(onnx_path))
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     checks: list[dict] = []
@@ -251,8 +249,8 @@ def format_report(report: dict) -> str:
 def export_checkpoint(checkpoint: str | Path, output: str | Path, *, model: str | None = None,
                       opset: int = DEFAULT_OPSET, check: bool = True, latency_runs: int = 50,
                       parity_batches: tuple[int, ...] = (1, 5)) -> dict:
-    """`lvface export`: any checkpoint `lvface.eval.embed.load_backbone` reads -> ONNX, checked."""
-    from lvface.eval.embed import load_backbone
+    """`lvface export`: any checkpoint `lvface.checkpoint_files.load_backbone` reads -> ONNX, checked."""
+    from lvface.checkpoint_files import load_backbone
     from lvface.models import count_parameters
 
     backbone = load_backbone(checkpoint, model, attn_impl="math")
@@ -266,6 +264,28 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, model: str 
     return report
 
 
-def write_json(path: str | Path, report: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=1, default=str))
+def _export_command(args) -> int:
+    from lvface.files import atomic_write_json
+
+    report = export_checkpoint(args.checkpoint, args.output, model=args.model, opset=args.opset,
+                               check=not args.no_check, latency_runs=args.latency_runs)
+    if args.json:
+        atomic_write_json(args.json, report)
+    if not args.no_check and not report["passed"]:
+        log.error("%s was written but failed the checks above", args.output)
+        return 1
+    return 0
+
+
+def register(subparsers) -> None:
+    """`lvface export --checkpoint CKPT --output model.onnx`: ONNX for MFR-Ongoing, checked."""
+    from lvface.checkpoint_files import add_checkpoint_args
+
+    export = subparsers.add_parser("export", help="backbone -> ONNX for MFR-Ongoing, with parity and submission checks")
+    add_checkpoint_args(export, device=False)  # export and its checks run on the CPU
+    export.add_argument("--output", required=True, help="the .onnx file to write")
+    export.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (17: first with LayerNormalization)")
+    export.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity and MFR checks")
+    export.add_argument("--latency-runs", type=int, default=50, help="batch-1 runs timed for the latency line")
+    export.add_argument("--json", default=None, help="also write the report as JSON here")
+    export.set_defaults(func=_export_command)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from lvface.data.recordio import atomic_open
+from lvface.files import atomic_open
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from lvface import checkpoint as ckpt
+from lvface.checkpoint_files import load_backbone_into
 from lvface.config import ConfigError, load_config
 from lvface.data.loader import build_train_loader
 from lvface.distributed import init_distributed, setup_logging
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     backbone = build_vit(cfg.model.name, num_features=cfg.model.num_features, attn_impl=cfg.model.attn_impl,
                          **overrides_model)
     if cfg.checkpoint.init_backbone:
-        ckpt.load_backbone_file(cfg.checkpoint.init_backbone, backbone)
+        log.info("backbone initialised from %s", load_backbone_into(backbone, cfg.checkpoint.init_backbone))
     # DeepSpeed engine (backbone only); a resume on another world size loads a universal checkpoint
     ds_config = build_ds_config(args.ds_config, cfg, info.world_size, info.device)
     resume = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.train.output_dir)

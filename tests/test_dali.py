@@ -11,7 +11,8 @@ pytest.importorskip("nvidia.dali")
 from test_loader import config, corrupt_rec, damaged_scan, epoch_labels, face_jpegs  # noqa: E402
 
 from lvface.data.dali import DaliTrainLoader  # noqa: E402
-from lvface.data.loader import TorchTrainLoader, build_train_loader  # noqa: E402
+from lvface.data.loader import build_train_loader  # noqa: E402
+from lvface.data.torch_loader import TorchTrainLoader  # noqa: E402
 from lvface.data.recordio import write_insightface_rec  # noqa: E402
 from lvface.data.sampler import epoch_order  # noqa: E402
 

@@ -15,16 +15,22 @@ import torch
 from PIL import Image
 
 import lvface.cli
+from lvface import export
+from lvface.data.images import normalize_images
 from lvface.data.synthetic import render_face
+from lvface.data.verification_bin import load_bin, write_bin
 from lvface.eval import commands
-from lvface.eval.verification import embed_flip_sum, evaluate_pairs, load_bin, normalize_images, write_bin
+from lvface.eval.verification import verification_set_names
+from lvface.eval.verification import embed_flip_sum, evaluate_pairs
 from lvface.models import build_vit
 from test_ijbc import make_mini_ijb
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lvface")
-    commands.register(parser.add_subparsers(dest="command", required=True))
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    commands.register(subparsers)
+    export.register(subparsers)
     return parser.parse_args(argv)
 
 
@@ -72,6 +78,52 @@ def test_eval_verify_end_to_end(backbone, tmp_path, caplog):
     assert set(results["tiny"]["tar_at_far"]) == {"0.001", "0.01", "0.1"}
     table = next(r.getMessage() for r in caplog.records if "10-fold" in r.getMessage())
     assert "tiny2" in table and "±" in table and "TAR@FAR=1e-03" in table
+
+
+def test_verify_keys_two_bins_with_one_name_apart(backbone, tmp_path):
+    # a/tiny.bin and b/tiny.bin: keyed by the stem they would overwrite each other; both results stay
+    path, module = backbone
+    jpegs, issame = [], []
+    for pair in range(10):  # the 10-fold protocol needs >= 10 pairs per set
+        same = pair % 2 == 0
+        jpegs += [_jpeg(render_face(4, pair, 0)), _jpeg(render_face(4, pair if same else pair + 50, 1))]
+        issame.append(same)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_bin(str(tmp_path / "a" / "tiny.bin"), jpegs, issame)
+    write_bin(str(tmp_path / "b" / "tiny.bin"), jpegs[2:] + jpegs[:2], issame[1:] + issame[:1])
+    bins = [str(tmp_path / "a" / "tiny.bin"), str(tmp_path / "b" / "tiny.bin")]
+    results = commands.run_verify(str(path), bins, batch_size=10, device="cpu")
+    assert list(results) == ["a/tiny", "b/tiny"]
+    assert [results[name]["path"] for name in results] == bins
+    assert results["a/tiny"]["num_pairs"] == results["b/tiny"]["num_pairs"] == 10
+    table = commands.format_verify_table(results)
+    assert "a/tiny" in table and "b/tiny" in table
+    with pytest.raises(ValueError, match="listed twice"):
+        commands.run_verify(str(path), [bins[0], str(tmp_path / "a" / ".." / "a" / "tiny.bin")])
+
+
+def test_training_callback_keys_two_bins_with_one_name_apart(tmp_path):
+    from lvface.eval.callback import VerificationCallback
+
+    jpegs = [_jpeg(render_face(6, i, 0)) for i in range(24)]
+    for folder, count in (("a", 12), ("b", 10)):
+        (tmp_path / folder).mkdir()
+        write_bin(str(tmp_path / folder / "lfw.bin"), jpegs[:2 * count], [i % 2 == 0 for i in range(count)])
+    bins = [str(tmp_path / "a" / "lfw.bin"), str(tmp_path / "b" / "lfw.bin")]
+    callback = VerificationCallback(bins, 4, rank=0, world_size=1, group=None, device="cpu")
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 8))
+    results = callback(module, step=3)
+    assert list(results) == ["a/lfw", "b/lfw"]
+    assert [results[name]["num_pairs"] for name in results] == [12, 10]
+    assert set(callback.history) == {"a/lfw", "b/lfw"}
+
+
+def test_verification_set_names():
+    assert verification_set_names(["lfw.bin", "cfp_fp.bin"]) == ["lfw", "cfp_fp"]
+    assert verification_set_names(["x/a/lfw.bin", "y/a/lfw.bin", "z/cfp.bin"]) == ["x/a/lfw", "y/a/lfw", "cfp"]
+    assert verification_set_names(["/lfw.bin", "/x/lfw.bin"]) == ["/lfw", "x/lfw"]  # nothing shorter tells /lfw apart
 
 
 def _write_faces(folder: Path, count: int) -> list[np.ndarray]:
@@ -154,7 +206,7 @@ def test_eval_ijbc_command(backbone, tmp_path):
 
 
 def test_cli_main_reports_errors(backbone, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(lvface.cli, "COMMAND_MODULES", ["lvface.eval.commands"])
+    monkeypatch.setattr(lvface.cli, "COMMAND_MODULES", ["lvface.eval.commands", "lvface.export"])
     root = tmp_path / "IJBC"
     (root / "meta").mkdir(parents=True)
     (root / "loose_crop").mkdir()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dist_utils import free_port
-from lvface.eval.embed import load_backbone, load_state_dict_from_checkpoint, strip_prefixes
+from lvface.checkpoint_files import load_backbone, load_state_dict_from_checkpoint, strip_prefixes
 from lvface.export import (
     INPUT_NAME, build_export_model, check_onnx, export_checkpoint, export_onnx, format_report,
     synthetic_face_batch,

@@ -146,7 +146,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("lvface.checkpoint_head.os.replace", crash)
+    monkeypatch.setattr("lvface.files.os.replace", crash)  # the one place lvface renames files into place
     with torch.no_grad():
         head.weight.add_(1.0)
     with pytest.raises(OSError, match="disk full"):

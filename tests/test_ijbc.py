@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -14,7 +15,8 @@ from dist_utils import run_on_ranks
 from lvface.data.synthetic import render_face
 from lvface.eval.ijbc import (
     ARCFACE_TEMPLATE, AlignedIJBFaces, align_face, embed_faces, estimate_similarity, evaluate_ijb,
-    format_tar_table, read_ijb_meta, roc_curve, score_ijb, tar_at_far_nearest, template_features, write_roc_png,
+    format_tar_table, read_ijb_meta, roc_area, roc_curve, score_ijb, tar_at_far_nearest, template_features,
+    write_roc_png,
 )
 
 
@@ -138,6 +140,98 @@ def test_estimate_similarity_is_the_least_squares_similarity():
     np.testing.assert_allclose(estimate_similarity(src, dst), [[a, -b, tx], [b, a, ty], [0, 0, 1]], atol=1e-9)
     with pytest.raises(ValueError, match="coincide"):
         estimate_similarity(np.ones((5, 2)), ARCFACE_TEMPLATE)
+
+
+def _lstsq_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The least-squares similarity in float64, by a linear solve: [a -b; b a] x + t is linear in (a, b, tx, ty)."""
+    rows = []
+    for (x, y) in np.asarray(src, np.float64):
+        rows += [[x, -y, 1, 0], [y, x, 0, 1]]
+    a, b, tx, ty = np.linalg.lstsq(np.array(rows), np.asarray(dst, np.float64).ravel(), rcond=None)[0]
+    return np.array([[a, -b, tx], [b, a, ty], [0, 0, 1]])
+
+
+def _loose_landmarks(rng: np.random.Generator) -> np.ndarray:
+    """5 float32 landmarks of a face somewhere in a loose crop, as the IJB meta files give them."""
+    points = ARCFACE_TEMPLATE * rng.uniform(0.5, 4) @ np.array([[1, 0.2], [-0.2, 1]]) + rng.normal(0, 3, (5, 2))
+    return (points + rng.uniform(0, 300, 2)).astype(np.float32)
+
+
+def test_estimate_similarity_in_float32_is_the_float64_closed_form():
+    # insightface gives skimage float32 landmarks and a float32 template, and skimage then computes in
+    # float32; so do we (bit for bit, see the skimage test below). Same math as the float64 closed form:
+    # equal up to float32 rounding, scaled by the magnitude the translation carries (|linear| * |points|;
+    # 2.4 eps was the worst of 2000 draws here).
+    rng = np.random.default_rng(4)
+    eps = np.finfo(np.float32).eps
+    float32_path_used = False
+    for _ in range(50):
+        landmarks = _loose_landmarks(rng)
+        got = estimate_similarity(landmarks, ARCFACE_TEMPLATE)
+        closed_form = _lstsq_similarity(landmarks, ARCFACE_TEMPLATE)
+        magnitude = np.abs(closed_form[:2, :2]).max() * (1 + np.abs(landmarks).max())
+        np.testing.assert_allclose(got, closed_form, rtol=0, atol=16 * eps * magnitude)
+        float64 = estimate_similarity(landmarks.astype(np.float64), ARCFACE_TEMPLATE.astype(np.float64))
+        np.testing.assert_allclose(float64, closed_form, rtol=0, atol=1e-9 * magnitude)
+        float32_path_used |= not np.array_equal(got, float64)
+    assert float32_path_used  # float32 points are not silently promoted
+
+
+def test_estimate_similarity_equals_skimage_bit_for_bit():
+    """Where scikit-image is installed: our estimate is skimage's SimilarityTransform.estimate to the last bit,
+    for insightface's float32 inputs and for float64 ones."""
+    transform = pytest.importorskip("skimage.transform")
+    rng = np.random.default_rng(6)
+    for _ in range(200):
+        landmarks = _loose_landmarks(rng)
+        for dtype in (np.float32, np.float64):
+            reference = transform.SimilarityTransform()
+            reference.estimate(landmarks.astype(dtype), ARCFACE_TEMPLATE.astype(dtype))
+            assert np.array_equal(estimate_similarity(landmarks.astype(dtype), ARCFACE_TEMPLATE.astype(dtype)),
+                                  reference.params)
+
+
+def test_estimate_similarity_degenerate_points():
+    line = np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]])
+    matrix = estimate_similarity(line, 2 * line + 5)  # collinear (rank 1): still the exact similarity
+    np.testing.assert_allclose(matrix, [[2, 0, 5], [0, 2, 5], [0, 0, 1]], atol=1e-12)
+    with pytest.raises(ValueError, match="destination points coincide"):
+        estimate_similarity(line, np.ones((5, 2)))
+
+
+def _cut_crop(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A loose crop cut so tightly (left and top) that the aligned 112x112 window reaches outside it."""
+    crop, _, landmarks = place_face(render_face(11, int(rng.integers(100)), 0, image_size=112), rng)
+    cut = np.array([70, 75])
+    return np.ascontiguousarray(crop[cut[1]:, cut[0]:]), (landmarks - cut).astype(np.float32)
+
+
+def test_aligned_crop_equals_cv2_warp_affine(tmp_path):
+    rng = np.random.default_rng(8)
+    cases = [place_face(render_face(9, i, 0, image_size=112), rng)[::2] for i in range(3)]
+    cases += [_cut_crop(rng) for _ in range(3)]
+    for index, (crop, landmarks) in enumerate(cases):
+        matrix = estimate_similarity(landmarks, ARCFACE_TEMPLATE)
+        expected = cv2.warpAffine(crop, matrix[:2], (112, 112), borderValue=0.0)
+        aligned = align_face(crop, landmarks)
+        assert aligned.dtype == np.uint8 and np.array_equal(aligned, expected), index
+        if index >= 3:
+            # the part of the window outside the crop is black (cv2's borderValue 0), not repeated edge pixels
+            inverse = np.linalg.inv(matrix)
+            ys, xs = np.mgrid[0:112, 0:112]
+            source_x = inverse[0, 0] * xs + inverse[0, 1] * ys + inverse[0, 2]
+            source_y = inverse[1, 0] * xs + inverse[1, 1] * ys + inverse[1, 2]
+            outside = (source_x < -1) | (source_y < -1)
+            assert outside.sum() > 200 and (aligned[outside] == 0).all()
+            replicated = cv2.warpAffine(crop, matrix[:2], (112, 112), borderMode=cv2.BORDER_REPLICATE)
+            assert (replicated[outside] > 0).any(axis=-1).mean() > 0.9  # edge replication would not be black
+    # through the dataset: decoded by cv2 (BGR) from a JPEG, warped, turned into RGB
+    crop, landmarks = cases[3]
+    cv2.imwrite(str(tmp_path / "face.jpg"), crop[..., ::-1].copy(), [cv2.IMWRITE_JPEG_QUALITY, 90])  # crop is RGB
+    bgr = cv2.imread(str(tmp_path / "face.jpg"))
+    expected = cv2.warpAffine(bgr, estimate_similarity(landmarks, ARCFACE_TEMPLATE)[:2], (112, 112), borderValue=0.0)
+    item = AlignedIJBFaces(tmp_path, ["face.jpg"], landmarks[None])[0]  # (3, 112, 112) RGB
+    assert np.array_equal(item.permute(1, 2, 0).numpy(), expected[..., ::-1])
 
 
 def test_alignment_recovers_a_placed_face():
@@ -306,6 +400,13 @@ def test_table_and_roc_png(tmp_path):
     path = write_roc_png(tmp_path / "roc.png", {"a": (fpr, tpr), "b": (fpr, tpr ** 2)}, title="test")
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (800, 600)
+        assert image.mode == "RGBA"
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(int)
+    # non-blank: dark text and axes, and both curves in matplotlib's first two colours (C0, C1)
+    assert (pixels.sum(1) < 200).mean() > 0.002
+    for colour in ((31, 119, 180), (255, 127, 14)):
+        assert (np.abs(pixels - colour).sum(1) < 30).sum() > 300, colour
+    assert roc_area(fpr, tpr) == pytest.approx(np.trapezoid(tpr, fpr) if hasattr(np, "trapezoid") else np.trapz(tpr, fpr))
     table = format_tar_table({"a-IJBC": {1e-6: 0.5, 1e-5: 0.6, 1e-4: 0.7, 1e-3: 0.8, 1e-2: 0.9, 1e-1: 0.999}})
     assert "1e-06" in table and "99.90" in table and "a-IJBC" in table
 
@@ -395,6 +496,49 @@ def test_flip_and_detector_score_switches(mini_ijb):
     np.testing.assert_allclose(unweighted, expected_scores(truth, model, meta, detector_score=False), atol=1e-5)
     weighted = score_ijb(meta, flipped)["scores"]
     assert np.abs(weighted - unweighted).max() > 1e-3  # the weights matter in this set
+
+
+def insightface_protocol(face_features, face_scores, templates, medias, pairs):
+    """insightface eval_ijbc.py's steps 3-5 (N1 D1 F1) written plainly: the flip-summed float32 features
+    times the detector scores; per template, per media (ascending ids) the mean of its faces, summed
+    over the medias; L2-normalised in float64; the cosine of each pair."""
+    weighted = face_features * face_scores[:, None]  # float32, as insightface's arrays
+    template_feats = {}
+    for template in np.unique(templates):
+        medias_of_template = medias[templates == template]
+        rows_of_template = weighted[templates == template]
+        media_feats = [rows_of_template[medias_of_template == media].mean(axis=0) for media in np.unique(medias_of_template)]
+        total = np.sum(np.array(media_feats), axis=0).astype(np.float64)
+        template_feats[template] = total / np.sqrt((total ** 2).sum())
+    return np.array([template_feats[a] @ template_feats[b] for a, b in pairs])
+
+
+def test_scores_equal_the_insightface_protocol(mini_ijb, tmp_path):
+    root, truth = mini_ijb
+    meta = read_ijb_meta(root, "IJBC")
+    dataset = AlignedIJBFaces(meta.image_dir, meta.image_names, meta.landmarks)
+    # the same aligned faces: cv2.imread (BGR), the estimated similarity, cv2.warpAffine, RGB
+    for index in range(len(dataset)):
+        bgr = cv2.imread(str(meta.image_dir / meta.image_names[index]))
+        matrix = estimate_similarity(meta.landmarks[index], ARCFACE_TEMPLATE)
+        expected = cv2.cvtColor(cv2.warpAffine(bgr, matrix[:2], (112, 112), borderValue=0.0), cv2.COLOR_BGR2RGB)
+        assert np.array_equal(dataset[index].permute(1, 2, 0).numpy(), expected)
+    # the same features: embed_faces is what evaluate_ijb runs
+    features = embed_faces(pooled_features, dataset, batch_size=4)
+    assert features.dtype == np.float32
+    result = evaluate_ijb(pooled_features, root, "IJBC", batch_size=4, output_dir=tmp_path / "out", meta=meta)
+    scores = np.load(result["scores_file"])
+    expected = insightface_protocol(features, meta.face_scores, meta.templates, meta.medias, meta.pair_templates)
+    # same math in the same precisions: equal to float64 rounding (an aggregation in float64 instead of
+    # insightface's float32 differs by ~1e-8 and fails this)
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=64 * np.finfo(np.float64).eps)
+    assert np.abs(expected - expected.mean()).max() > 1e-3  # scores that tell pairs apart, not a constant
+    fars = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+    assert result["tar_at_far"] == pytest.approx(reference_tar_at_far(meta.pair_labels, expected, fars), abs=1e-12)
+    fpr, tpr, _ = roc_curve(meta.pair_labels, expected)
+    assert result["auc"] == pytest.approx(roc_area(fpr, tpr), abs=1e-12)
+    with Image.open(result["roc_png"]) as image:
+        assert image.size == (800, 600)
 
 
 # ---------------------------------------------------------------------------------------------

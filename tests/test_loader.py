@@ -9,7 +9,9 @@ import torch
 
 from lvface.config import ConfigError, DataConfig, load_config
 from lvface.data.augment import AugmentSpec, apply_torch, flip_chw
-from lvface.data.loader import RecordIndex, build_train_loader, decode_image
+from lvface.data.images import decode_image
+from lvface.data.index import RecordIndex
+from lvface.data.loader import build_train_loader
 from lvface.data.recordio import IRHeader, RecordIOError, RecordIOWriter, write_insightface_rec
 from lvface.data.sampler import GlobalOrder, epoch_order, permute
 from lvface.data.synthetic import _encode_jpeg, render_face

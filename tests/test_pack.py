@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 import lvface.data.pack as packing
-from lvface.data.loader import RecordIndex, build_train_loader, decode_image
+from lvface.data.images import decode_image
+from lvface.data.index import RecordIndex
+from lvface.data.loader import build_train_loader
 from lvface.data.synthetic import render_face
 from test_loader import config
 

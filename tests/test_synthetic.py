@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from lvface.data.loader import RecordDataset
+from lvface.data.torch_loader import RecordDataset
 from lvface.data.recordio import InsightFaceRecord
 from lvface.data.synthetic import _encode_jpeg, make_val_pairs, render_face, write_synthetic_dataset
-from lvface.eval.verification import evaluate_pairs, load_bin, normalize_images
+from lvface.data.images import normalize_images
+from lvface.data.verification_bin import load_bin
+from lvface.eval.verification import evaluate_pairs
 
 logger = logging.getLogger(__name__)
 

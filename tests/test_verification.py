@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lvface.eval.verification import (
-    embed_flip_sum, evaluate_pairs, kfold_slices, load_bin, normalize_images, write_bin,
-)
+from lvface.data.images import normalize_images
+from lvface.data.verification_bin import load_bin, write_bin
+from lvface.eval.verification import embed_flip_sum, evaluate_pairs, kfold_slices
 
 
 def _jpeg(seed: int, size=(112, 112)) -> bytes:

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from lvface.config import ConfigError
+from lvface.data.images import IMAGE_SIZE
 
-IMAGE_SIZE = 112
 _MASK64 = (1 << 64) - 1
 MASK_COLOURS = np.array([[232, 232, 236], [150, 192, 226], [38, 38, 44], [172, 172, 176]], np.float32)
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.321], [0.211, -0.523, 0.311]], np.float64)

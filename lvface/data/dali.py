@@ -39,11 +39,11 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from lvface.data.augment import AugmentParams
-from lvface.data.loader import RecordIndex, TrainLoader, looks_complete
+from lvface.data.base import TrainLoader
+from lvface.data.images import PIXEL_MEAN, PIXEL_STD, looks_complete
+from lvface.data.index import RecordIndex
 
 logger = logging.getLogger(__name__)
-
-_MEAN = _STD = [127.5, 127.5, 127.5]  # (x - 127.5) / 127.5 == (x / 255 - 0.5) / 0.5
 
 
 class _Job:
@@ -104,7 +104,7 @@ class DaliTrainLoader(TrainLoader):
                 sigma = source("blur_sigma", types.FLOAT, 0)
                 if source("blurred", types.BOOL, 0):
                     images = fn.gaussian_blur(images, sigma=sigma)
-            return fn.crop_mirror_normalize(images, mirror=source("flip", types.INT32, 0), mean=_MEAN, std=_STD,
+            return fn.crop_mirror_normalize(images, mirror=source("flip", types.INT32, 0), mean=[PIXEL_MEAN] * 3, std=[PIXEL_STD] * 3,
                                             dtype=types.FLOAT, output_layout="CHW")
 
         pipe = graph(batch_size=self.order.batch_size, num_threads=self.threads, device_id=self.device_id,

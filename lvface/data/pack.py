@@ -46,7 +46,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from lvface.data.recordio import IRHeader, RecordIOWriter, atomic_open
+from lvface.data.recordio import IRHeader, RecordIOWriter
+from lvface.files import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +299,7 @@ def load_manifest(folder: Path) -> dict | None:
 
 def _verify_range(index, manifest: dict | None, begin: int, end: int) -> list[str]:
     """Problems of images [begin, end): undecodable, or differing from the manifest."""
-    from lvface.data.loader import decode_image
+    from lvface.data.images import decode_image
 
     problems = []
     rows = index.rows[begin:end]
@@ -332,7 +333,7 @@ def _verify_chunk(begin: int, end: int) -> list[str]:
 def inspect(path: str, *, verify: bool = False, workers: int = 1, chunk: int = 4096, out=None) -> int:
     """Print what ``path`` holds; with ``verify`` decode every image (and check the manifest). Returns the
     number of problems found."""
-    from lvface.data.loader import RecordIndex
+    from lvface.data.index import RecordIndex
 
     global _verify_state
     out = out or sys.stdout

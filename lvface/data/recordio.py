@@ -23,15 +23,15 @@ id/id2 of the header and identity records, and the reader uses them when they ag
 from __future__ import annotations
 
 import array
-import contextlib
 import logging
 import mmap
 import os
 import struct
-import uuid
 from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
+
+from lvface.files import atomic_open, temp_name
 
 logger = logging.getLogger(__name__)
 
@@ -243,31 +243,6 @@ def _parse_idx(idx_path: str) -> tuple[np.ndarray, np.ndarray]:
     return pairs[:, 0].copy(), pairs[:, 1].copy()
 
 
-def _temp_name(path: str) -> str:
-    """A fresh name next to ``path`` (same file system, so os.replace is atomic)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"cannot write {path!r}: directory {directory!r} does not exist")
-    return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-@contextlib.contextmanager
-def atomic_open(path: str, mode: str = "wb", **kwargs):
-    """Open a temporary file next to ``path``; on a clean exit it replaces ``path``, else vanishes.
-
-    The file gets the usual permissions (umask), unlike ``tempfile.mkstemp``'s 0600.
-    """
-    tmp_path = _temp_name(path)
-    try:
-        with open(tmp_path, mode.replace("w", "x"), **kwargs) as f:
-            yield f
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
-
-
 def _write_idx_atomic(idx_path: str, keys: Iterable[int], offsets: Iterable[int]) -> None:
     with atomic_open(idx_path, "w", encoding="ascii", newline="\n") as f:
         f.writelines(f"{int(key)}\t{int(offset)}\n" for key, offset in zip(keys, offsets))
@@ -304,8 +279,8 @@ class RecordIOWriter:
     def __init__(self, rec_path: str, idx_path: str | None = None):
         self.rec_path = os.fspath(rec_path)
         self.idx_path = os.fspath(idx_path) if idx_path is not None else default_idx_path(self.rec_path)
-        self._rec_tmp = _temp_name(self.rec_path)
-        self._idx_tmp = _temp_name(self.idx_path)
+        self._rec_tmp = temp_name(self.rec_path)
+        self._idx_tmp = temp_name(self.idx_path)
         self._rec_file = open(self._rec_tmp, "xb")
         self._idx_file = open(self._idx_tmp, "x", encoding="ascii", newline="\n")
         self._keys = array.array("q")  # checked for duplicates at close (a set would not scale)

@@ -34,8 +34,9 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from lvface.data.recordio import atomic_open, write_insightface_rec
-from lvface.eval.verification import write_bin
+from lvface.data.recordio import write_insightface_rec
+from lvface.files import atomic_open
+from lvface.data.verification_bin import write_bin
 from lvface.progress import progress
 
 logger = logging.getLogger(__name__)

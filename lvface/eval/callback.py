@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from lvface.eval.verification import embed_flip_sum, evaluate_pairs, load_bin
+from lvface.data.verification_bin import load_bin
+from lvface.eval.verification import embed_flip_sum, evaluate_pairs, verification_set_names
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +25,9 @@ class VerificationCallback:
         self.rank, self.world_size, self.group, self.device = rank, world_size, group, device
         self.batch_size = batch_size
         self.sets = []
-        for path in bins:
+        for name, path in zip(verification_set_names(bins), bins):
             images, issame = load_bin(path)
-            self.sets.append((Path(path).stem, images, issame))
+            self.sets.append((name, images, issame))
         self.history: dict[str, list[tuple[int, float]]] = {name: [] for name, _, _ in self.sets}
 
     def __bool__(self) -> bool:

@@ -1,4 +1,4 @@
-"""Subcommands `lvface eval verify`, `lvface eval ijbc`, `lvface embed` and `lvface export`.
+"""Subcommands `lvface eval verify`, `lvface eval ijbc` and `lvface embed` (`lvface export` is export.py's).
 
     lvface eval verify --checkpoint out/checkpoints --bin lfw.bin cfp_fp.bin agedb_30.bin [--json r.json]
     lvface eval ijbc   --checkpoint out/checkpoints --root IJB_release/IJBC [--name IJBC] [--output-dir DIR]
@@ -15,22 +15,12 @@ process. Heavy imports happen inside the commands, so `lvface --help` stays fast
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-from pathlib import Path
+
+from lvface.checkpoint_files import add_checkpoint_args
+from lvface.files import atomic_write_json
 
 log = logging.getLogger(__name__)
-
-
-def _add_checkpoint_args(parser: argparse.ArgumentParser, device: bool = True) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint tag folder, checkpoints folder with 'latest', or backbone .pt file")
-    parser.add_argument("--model", default=None,
-                        help="ViT variant (vit_t, vit_s, vit_b, vit_l, vit_h, vit_demo); default: from the "
-                             "checkpoint's config.yaml, else inferred from the weights")
-    if device:
-        parser.add_argument("--device", default="auto",
-                            help="auto (this rank's GPU if any, else cpu), cpu, cuda:0, ...")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -40,17 +30,22 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser, device: bool = True) -
 
 def run_verify(checkpoint: str, bins: list[str], *, model: str | None = None, batch_size: int = 64,
                device: str = "auto") -> dict[str, dict]:
-    """10-fold accuracy, AUC and TAR@FAR of each .bin set: {set name: evaluate_pairs result}."""
-    from lvface.eval.embed import build_model_fn, load_backbone, pick_device, module_image_size
-    from lvface.eval.verification import embed_flip_sum, evaluate_pairs, load_bin
+    """10-fold accuracy, AUC and TAR@FAR of each .bin set: {set name: evaluate_pairs result}. The set
+    name is the file's stem, or a longer part of its path where two files share a stem."""
+    from lvface.checkpoint_files import load_backbone
+    from lvface.data.verification_bin import load_bin
+    from lvface.eval.verification import verification_set_names
+    from lvface.eval.embed import build_model_fn, pick_device
+    from lvface.eval.verification import embed_flip_sum, evaluate_pairs
 
+    names = verification_set_names(bins)  # before the model loads: a listed-twice file fails fast
     backbone = load_backbone(checkpoint, model)
     model_fn = build_model_fn(backbone.module, pick_device(device))
     results = {}
-    for path in bins:
-        images, issame = load_bin(path, image_size=module_image_size(backbone.module))
+    for name, path in zip(names, bins):
+        images, issame = load_bin(path, image_size=backbone.module.image_size)
         embeddings = embed_flip_sum(model_fn, images, batch_size)
-        results[Path(path).stem] = {**evaluate_pairs(embeddings, issame), "path": str(path)}
+        results[name] = {**evaluate_pairs(embeddings, issame), "path": str(path)}
     return results
 
 
@@ -70,19 +65,11 @@ def format_verify_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: str, payload) -> None:
-    from lvface.eval.ijbc import jsonable
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(jsonable(payload), indent=1, default=str))
-    log.info("wrote %s", path)
-
-
 def _verify(args: argparse.Namespace) -> int:
     results = run_verify(args.checkpoint, args.bin, model=args.model, batch_size=args.batch, device=args.device)
     log.info("verification (insightface 10-fold protocol, flip-sum embeddings)\n%s", format_verify_table(results))
     if args.json:
-        _write_json(args.json, results)
+        atomic_write_json(args.json, results)
     return 0
 
 
@@ -93,7 +80,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _ijbc(args: argparse.Namespace) -> int:
     from lvface.distributed import detect_launcher
-    from lvface.eval.embed import build_model_fn, load_backbone, module_image_size, pick_device
+    from lvface.checkpoint_files import load_backbone
+    from lvface.eval.embed import build_model_fn, pick_device
     from lvface.eval.ijbc import evaluate_ijb, read_ijb_meta
 
     meta = read_ijb_meta(args.root, args.name)  # a missing or corrupt meta file fails before the model loads
@@ -110,15 +98,15 @@ def _ijbc(args: argparse.Namespace) -> int:
     result = evaluate_ijb(model_fn, args.root, args.name, batch_size=args.batch, num_workers=args.workers,
                           flip=not args.no_flip, detector_score=not args.no_detector_score, rank=rank,
                           world_size=world_size, group=group, device=device, output_dir=output_dir,
-                          label=args.label or backbone.variant, image_size=module_image_size(backbone.module),
+                          label=args.label or backbone.variant, image_size=backbone.module.image_size,
                           meta=meta)
     if result is not None and args.json:
-        _write_json(args.json, result)
+        atomic_write_json(args.json, result)
     return 0
 
 
 # ----------------------------------------------------------------------------------------------
-# embed, export
+# embed
 # ----------------------------------------------------------------------------------------------
 
 
@@ -130,33 +118,20 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
-    from lvface.export import export_checkpoint, write_json
-
-    report = export_checkpoint(args.checkpoint, args.output, model=args.model, opset=args.opset,
-                               check=not args.no_check, latency_runs=args.latency_runs)
-    if args.json:
-        write_json(args.json, report)
-    if not args.no_check and not report["passed"]:
-        log.error("%s was written but failed the checks above", args.output)
-        return 1
-    return 0
-
-
 def register(subparsers) -> None:
-    """Add `eval` (verify, ijbc), `embed` and `export` to the lvface command line."""
+    """Add `eval` (verify, ijbc) and `embed` to the lvface command line."""
     evaluate = subparsers.add_parser("eval", help="evaluate a checkpoint: verify (.bin sets), ijbc (IJB-C / IJB-B)")
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)
 
     verify = eval_sub.add_parser("verify", help="10-fold accuracy, AUC and TAR@FAR on insightface .bin sets")
-    _add_checkpoint_args(verify)
+    add_checkpoint_args(verify)
     verify.add_argument("--bin", nargs="+", required=True, help="verification .bin files (lfw.bin cfp_fp.bin ...)")
     verify.add_argument("--batch", type=int, default=64, help="images per forward pass")
     verify.add_argument("--json", default=None, help="also write the results as JSON here")
     verify.set_defaults(func=_verify)
 
     ijbc = eval_sub.add_parser("ijbc", help="IJB-C / IJB-B 1:1 verification: TAR at FAR 1e-6..1e-1, ROC plot")
-    _add_checkpoint_args(ijbc)
+    add_checkpoint_args(ijbc)
     ijbc.add_argument("--root", required=True, help="IJB folder holding meta/ and loose_crop/ (e.g. IJB_release/IJBC)")
     ijbc.add_argument("--name", default="IJBC", type=str.upper, choices=["IJBC", "IJBB"], help="which set")
     ijbc.add_argument("--batch", type=int, default=128, help="faces per forward pass (x2 with the mirror images)")
@@ -170,19 +145,10 @@ def register(subparsers) -> None:
     ijbc.set_defaults(func=_ijbc)
 
     embed = subparsers.add_parser("embed", help="aligned 112x112 face images -> embeddings (.npy or .parquet)")
-    _add_checkpoint_args(embed)
+    add_checkpoint_args(embed)
     embed.add_argument("--input", required=True, help="folder of aligned images (recursive) or a list file")
     embed.add_argument("--output", required=True, help="out.npy (+ out.paths.txt) or out.parquet (path, embedding)")
     embed.add_argument("--batch", type=int, default=64, help="images per forward pass")
     embed.add_argument("--flip", action="store_true", help="add the mirror image's embedding before normalising")
     embed.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
     embed.set_defaults(func=_embed)
-
-    export = subparsers.add_parser("export", help="backbone -> ONNX for MFR-Ongoing, with parity and submission checks")
-    _add_checkpoint_args(export, device=False)  # export and its checks run on the CPU
-    export.add_argument("--output", required=True, help="the .onnx file to write")
-    export.add_argument("--opset", type=int, default=17, help="ONNX opset (17: first with LayerNormalization)")
-    export.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity and MFR checks")
-    export.add_argument("--latency-runs", type=int, default=50, help="batch-1 runs timed for the latency line")
-    export.add_argument("--json", default=None, help="also write the report as JSON here")
-    export.set_defaults(func=_export)

@@ -8,14 +8,16 @@ Input: the insightface release layout under one root (e.g. ``IJB_release/IJBC``)
     loose_crop/<image>                 the loose face crops the landmarks refer to
 
 (``ijbb_*`` for IJB-B.) The protocol (insightface ``eval_ijbc.py`` / ``onnx_ijbc.py``, test mode
-N1 D1 F1):
+N1 D1 F1), reproduced to the last bit -- the same crops, features and scores given the same model:
 
-1. align: the similarity transform (least squares, Umeyama) taking the 5 landmarks onto the ArcFace
-   112x112 template, bilinear warp, black outside the crop;
+1. align: decode with OpenCV (``cv2.imread``, BGR); the similarity transform (least squares, Umeyama)
+   taking the float32 landmarks onto the ArcFace 112x112 template, in float32 as skimage's
+   ``SimilarityTransform.estimate`` computes it; ``cv2.warpAffine`` (bilinear, black outside the
+   crop); BGR -> RGB;
 2. embed: feature(image) + feature(mirror image), *not* normalised (its norm carries quality), times
    the face's detector score;
-3. aggregate: the mean of each media's (video's or photo's) faces, summed over a template's medias,
-   L2-normalised;
+3. aggregate: the mean of each media's (video's or photo's) faces, summed over a template's medias
+   (float32, in insightface's order), L2-normalised (float64);
 4. score: the cosine of the two templates of each pair; the ROC of sklearn's ``roc_curve`` (with its
    default ``drop_intermediate``) and, for each FAR in 1e-6 .. 1e-1, the TAR of the ROC point whose
    FPR is nearest (ties: the larger TAR) -- the numbers published IJB tables are made of.
@@ -26,7 +28,6 @@ contiguous slice, the features are all-gathered, and rank 0 aggregates and score
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -35,23 +36,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw, ImageFont
 
-from lvface.eval.verification import normalize_images, roc_auc
+from lvface.data.images import normalize_images
+from lvface.files import atomic_write_json
 from lvface.progress import progress
 
 log = logging.getLogger(__name__)
 
 # ArcFace's 5-point template for 112x112 crops: eye centres, nose tip, mouth corners (x, y), in pixel
-# coordinates with pixel centres on integers (insightface's 96x112 template shifted right by 8).
-ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                             [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64)
+# coordinates with pixel centres on integers. Built as insightface's eval_ijbc.py builds it -- its
+# 96x112 template in float32, shifted right by 8 in float32 -- so that the float32 values are the same
+# (the last x differs by one float32 ulp from the literal 70.7299).
+ARCFACE_TEMPLATE = (np.array([[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366],
+                              [33.5493, 92.3655], [62.7299, 92.2041]], dtype=np.float32)
+                    + np.array([8.0, 0.0], dtype=np.float32))
 IJB_FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 IJB_NAMES = ("IJBC", "IJBB")
-SCORE_CHUNK = 100_000  # pairs scored at once
+SCORE_CHUNK = 20_000  # pairs scored at once (3 temporary (chunk, D) float64 arrays)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,52 +66,71 @@ SCORE_CHUNK = 100_000  # pairs scored at once
 
 def estimate_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """The similarity transform (rotation, uniform scale, translation; no reflection) minimising
-    sum ||T(src_i) - dst_i||^2, as a (3, 3) matrix acting on (x, y, 1). Closed form (Umeyama 1991):
+    sum ||T(src_i) - dst_i||^2, as a (3, 3) float64 matrix acting on (x, y, 1). Closed form (Umeyama 1991):
 
         covariance C = dst_c^T src_c / n,  C = U diag(s) V^T,  R = U diag(1, d) V^T with d = sign det C,
         scale = (s_1 + d s_2) / var(src),  t = mean(dst) - scale R mean(src)
+
+    Computed in the precision of the points (float32 for float32 landmarks and template, as
+    insightface's IJB evaluation gives them to skimage's ``SimilarityTransform.estimate``; float64
+    otherwise), with skimage's order of operations, so that the matrix is the one skimage returns to
+    the last bit: cv2.warpAffine rounds source positions to 1/1024 pixel, and a float64 estimate of
+    float32 landmarks changed 1 or 2 of a crop's 37632 bytes by one grey level in 7 crops of 10.
     """
-    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    src, dst = np.asarray(src), np.asarray(dst)
+    dtype = np.result_type(src, dst, np.float32)
+    src, dst = src.astype(dtype, copy=False), dst.astype(dtype, copy=False)
     if src.shape != dst.shape or src.ndim != 2 or src.shape[1] != 2 or src.shape[0] < 2:
         raise ValueError(f"estimate_similarity: need two (n >= 2, 2) point sets, got {src.shape} and {dst.shape}")
-    src_mean, dst_mean = src.mean(0), dst.mean(0)
+    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
     src_c, dst_c = src - src_mean, dst - dst_mean
-    src_var = (src_c**2).sum() / len(src)
-    if src_var <= 1e-12:
+    src_var = src_c.var(axis=0).sum()  # (sum of squared distances to the mean) / n
+    if not src_var > 1e-12:
         raise ValueError("estimate_similarity: the source points coincide; no transform is defined")
     cov = dst_c.T @ src_c / len(src)  # (2, 2)
+    signs = np.array([1.0, -1.0 if np.linalg.det(cov) < 0 else 1.0])
     u, s, vt = np.linalg.svd(cov)
-    d = np.array([1.0, 1.0 if np.linalg.det(cov) >= 0 else -1.0])
-    rotation = u @ np.diag(d) @ vt
-    scale = float((s * d).sum() / src_var)
+    rank = np.count_nonzero(s > s.max() * 2 * np.finfo(np.float64).eps)
+    if rank == 0:
+        raise ValueError("estimate_similarity: the destination points coincide; no transform is defined")
+    if rank == 1:
+        # collinear points (rank 1): det C is 0 up to rounding, the reflection is decided by det U det V
+        rotation = u @ vt if np.linalg.det(u) * np.linalg.det(vt) > 0 else u @ np.diag([1.0, -1.0]) @ vt
+    else:
+        rotation = u @ np.diag(signs) @ vt
+    scale = 1.0 / src_var * (s @ signs)  # this grouping: numpy promotes it as skimage's expression
     matrix = np.eye(3)
-    matrix[:2, :2] = scale * rotation
-    matrix[:2, 2] = dst_mean - scale * rotation @ src_mean
+    matrix[:2, 2] = dst_mean - scale * (rotation @ src_mean)
+    matrix[:2, :2] = rotation * scale
     return matrix
 
 
-def warp_affine(image: Image.Image, matrix: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    """``cv2.warpAffine(image, matrix[:2], size)``: output pixel p takes the input at matrix^-1 p,
-    bilinear, black outside. Both use integer pixel centres; PIL samples at centres + 0.5, hence the
-    half-pixel shifts around the inverse."""
+def warp_affine(image: np.ndarray, matrix: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Output pixel p takes the input at matrix^-1 p (integer pixel centres), bilinear, black outside:
+    ``cv2.warpAffine`` with insightface's arguments. `size` is (width, height); channels keep their order."""
     matrix = np.asarray(matrix, np.float64)
-    if matrix.shape == (2, 3):
-        matrix = np.vstack([matrix, [0.0, 0.0, 1.0]])
-    inverse = np.linalg.inv(matrix)  # output -> input coordinates
-    linear, shift = inverse[:2, :2], inverse[:2, 2]
-    offset = shift + 0.5 - linear @ np.array([0.5, 0.5])
-    coefficients = (linear[0, 0], linear[0, 1], offset[0], linear[1, 0], linear[1, 1], offset[1])
-    return image.transform(size, Image.Transform.AFFINE, coefficients, resample=Image.Resampling.BILINEAR,
-                           fillcolor=0)
+    return cv2.warpAffine(image, np.ascontiguousarray(matrix[:2]), size, flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
 
 
-def align_face(image: Image.Image | np.ndarray, landmarks: np.ndarray, image_size: int = 112) -> np.ndarray:
-    """A loose crop and its 5 landmarks (5, 2) -> the aligned face, uint8 (S, S, 3) RGB."""
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    template = ARCFACE_TEMPLATE * (image_size / 112.0)
-    matrix = estimate_similarity(np.asarray(landmarks, np.float64).reshape(5, 2), template)
-    return np.array(warp_affine(image.convert("RGB"), matrix, (image_size, image_size)))
+def align_face(image: np.ndarray, landmarks: np.ndarray, image_size: int = 112) -> np.ndarray:
+    """A loose crop uint8 (H, W, 3) and its 5 landmarks (5, 2) -> the aligned face uint8 (S, S, 3), in
+    the crop's channel order (a PIL image is taken as RGB). float32 landmarks give insightface's crop."""
+    if not isinstance(image, np.ndarray):
+        image = np.asarray(image.convert("RGB"))
+    template = ARCFACE_TEMPLATE * (image_size / 112.0)  # float32, unchanged at 112
+    matrix = estimate_similarity(np.asarray(landmarks).reshape(5, 2), template)
+    return warp_affine(image, matrix, (image_size, image_size))
+
+
+def read_ijb_image(path: str | Path) -> np.ndarray:
+    """An IJB loose crop as uint8 (H, W, 3) BGR, decoded as insightface decodes it (``cv2.imread``, which
+    also applies the EXIF orientation); ValueError naming the file when it cannot be read."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        reason = "no such file" if not Path(path).is_file() else "OpenCV cannot decode it"
+        raise ValueError(f"IJB image {path}: cannot read it ({reason})")
+    return image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,7 +271,7 @@ def read_ijb_meta(root: str | Path, name: str = "IJBC") -> IJBMeta:
 
 
 class AlignedIJBFaces(torch.utils.data.Dataset):
-    """Face `index` of an IJB set, aligned: uint8 (3, S, S) RGB."""
+    """Face `index` of an IJB set, aligned as insightface aligns it: uint8 (3, S, S) RGB."""
 
     def __init__(self, image_dir: Path, image_names: Sequence[str], landmarks: np.ndarray, image_size: int = 112):
         self.image_dir, self.image_names, self.landmarks = Path(image_dir), list(image_names), landmarks
@@ -258,15 +282,12 @@ class AlignedIJBFaces(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         path = self.image_dir / self.image_names[index]
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-        except (OSError, ValueError) as error:
-            raise ValueError(f"IJB image {path}: cannot read it ({error})") from error
+        image = read_ijb_image(path)  # BGR, as insightface reads it; the warp is per channel
         try:
             aligned = align_face(image, self.landmarks[index], self.image_size)
         except ValueError as error:
             raise ValueError(f"IJB image {path}: {error}") from error
+        aligned = cv2.cvtColor(aligned, cv2.COLOR_BGR2RGB)
         return torch.from_numpy(aligned).permute(2, 0, 1).contiguous()  # (3, S, S)
 
 
@@ -323,30 +344,50 @@ def embed_faces(model_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch
 # ----------------------------------------------------------------------------------------------
 
 
+def _sums_in_row_order(values: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per group of consecutive rows [starts[g], starts[g + 1]): the sum of its rows added one after
+    the other, ((r0 + r1) + r2) + ..., and the group sizes. That is the order of ``np.sum(rows, axis=0)``
+    (and np.mean) that insightface calls per group; np.add.reduceat adds in another order, which in
+    float32 gives other last bits."""
+    sizes = np.diff(np.r_[starts, len(values)])
+    sums = values[starts].copy()
+    for offset in range(1, int(sizes.max(initial=1))):
+        longer = np.flatnonzero(sizes > offset)
+        sums[longer] += values[starts[longer] + offset]
+    return sums, sizes
+
+
 def template_features(face_features: np.ndarray, templates: np.ndarray, medias: np.ndarray,
                       face_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(template ids sorted ascending, L2-normalised template features (T, D) float64): the mean of
     each (template, media) group's face features (each times its weight, if given), summed over the
-    template's medias."""
-    order = np.lexsort((medias, templates))  # by template, then media
-    features = np.asarray(face_features)[order].astype(np.float64, copy=False)  # (n, D), one copy
+    template's medias in ascending media id, then normalised.
+
+    As insightface's ``image2template_feature``: the weighting, the media means and the sums over
+    medias are computed in the features' precision (float32 for a model's features and the meta
+    file's detector scores), faces in file order; the normalisation is float64 (sklearn's normalize).
+    """
+    features = np.asarray(face_features)
     if face_weights is not None:
-        features *= np.asarray(face_weights, np.float64)[order, None]
+        features = features * np.asarray(face_weights)[:, None]
+    order = np.lexsort((medias, templates))  # by template, then media; file order within a media
+    features = features[order]
     sorted_templates, sorted_medias = templates[order], medias[order]
     new_media = np.r_[True, (sorted_templates[1:] != sorted_templates[:-1]) | (sorted_medias[1:] != sorted_medias[:-1])]
     media_starts = np.flatnonzero(new_media)
-    media_sizes = np.diff(np.r_[media_starts, len(order)])
-    media_means = np.add.reduceat(features, media_starts, axis=0) / media_sizes[:, None]  # (M, D)
+    media_sums, media_sizes = _sums_in_row_order(features, media_starts)
+    media_means = media_sums / media_sizes[:, None].astype(media_sums.dtype)  # (M, D), as np.mean divides
     media_templates = sorted_templates[media_starts]
     template_starts = np.flatnonzero(np.r_[True, media_templates[1:] != media_templates[:-1]])
-    summed = np.add.reduceat(media_means, template_starts, axis=0)  # (T, D)
-    norms = np.linalg.norm(summed, axis=1, keepdims=True)
+    summed = _sums_in_row_order(media_means, template_starts)[0].astype(np.float64)  # (T, D)
+    norms = np.sqrt(np.einsum("ij,ij->i", summed, summed))
     norms[norms == 0] = 1.0
-    return media_templates[template_starts], summed / norms
+    return media_templates[template_starts], summed / norms[:, None]
 
 
 def pair_scores(template_ids: np.ndarray, template_feats: np.ndarray, pair_templates: np.ndarray) -> np.ndarray:
-    """Cosine similarity (float64) of each pair's templates; `template_ids` sorted ascending."""
+    """Cosine similarity (float64) of each pair's templates; `template_ids` sorted ascending. Summed
+    as insightface sums it (``np.sum(a * b, -1)``), so the scores agree to the last bit."""
     rows = np.searchsorted(template_ids, pair_templates)  # (P, 2)
     clipped = np.minimum(rows, len(template_ids) - 1)
     if (rows >= len(template_ids)).any() or (template_ids[clipped] != pair_templates).any():
@@ -354,8 +395,7 @@ def pair_scores(template_ids: np.ndarray, template_feats: np.ndarray, pair_templ
     scores = np.empty(len(pair_templates), dtype=np.float64)
     for start in range(0, len(pair_templates), SCORE_CHUNK):
         chunk = rows[start:start + SCORE_CHUNK]
-        scores[start:start + SCORE_CHUNK] = np.einsum("ij,ij->i", template_feats[chunk[:, 0]],
-                                                      template_feats[chunk[:, 1]])
+        scores[start:start + SCORE_CHUNK] = np.sum(template_feats[chunk[:, 0]] * template_feats[chunk[:, 1]], axis=-1)
     return scores
 
 
@@ -386,6 +426,12 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray, drop_intermediate: bool = 
     false_positives, true_positives = np.r_[0, false_positives], np.r_[0, true_positives]
     thresholds = np.r_[np.inf, thresholds]
     return false_positives / false_positives[-1], true_positives / true_positives[-1], thresholds
+
+
+def roc_area(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """The area under an ROC from `roc_curve` by the trapezoidal rule: ``sklearn.metrics.auc(fpr, tpr)``."""
+    fpr, tpr = np.asarray(fpr, np.float64), np.asarray(tpr, np.float64)
+    return float((np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0).sum())
 
 
 def tar_at_far_nearest(fpr: np.ndarray, tpr: np.ndarray, far_targets: Sequence[float] = IJB_FAR_TARGETS
@@ -420,43 +466,49 @@ def format_tar_table(rows: Mapping[str, Mapping[float, float]], far_targets: Seq
 
 
 def write_roc_png(path: str | Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], *, title: str = "ROC",
-                  far_range: tuple[float, float] = (1e-6, 1.0), size: tuple[int, int] = (800, 600)) -> Path:
-    """TAR against FAR (log axis) for each curve, drawn with PIL (no matplotlib needed)."""
+                  far_range: tuple[float, float] = (1e-6, 1.0), size: tuple[int, int] = (800, 600),
+                  mark_fars: Sequence[float] = IJB_FAR_TARGETS) -> Path:
+    """TAR against FAR (log axis) for each (fpr, tpr) curve, with the TAR@FAR points of `mark_fars`
+    (nearest-FPR convention) marked and labelled, drawn with matplotlib into a PNG of `size` pixels.
+
+    Uses matplotlib's Figure and Agg canvas directly, not pyplot: no window opens and the process's
+    matplotlib backend is left as it is.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     path = Path(path)
-    width, height = size
-    left, right, top, bottom = 70, 20, 40, 60
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    log_lo, log_hi = math.log10(far_range[0]), math.log10(far_range[1])
-
-    def to_px(far: np.ndarray, tar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = (np.log10(np.clip(far, far_range[0], far_range[1])) - log_lo) / (log_hi - log_lo)
-        return left + x * (width - left - right), top + (1 - tar) * (height - top - bottom)
-
-    for decade in range(int(round(log_lo)), int(round(log_hi)) + 1):
-        x, _ = to_px(np.array([10.0**decade]), np.array([0.0]))
-        draw.line([(x[0], top), (x[0], height - bottom)], fill=(225, 225, 225))
-        draw.text((x[0] - 12, height - bottom + 6), f"1e{decade}", fill="black", font=font)
-    for tenth in range(11):
-        _, y = to_px(np.array([1.0]), np.array([tenth / 10]))
-        draw.line([(left, y[0]), (width - right, y[0])], fill=(225, 225, 225))
-        draw.text((left - 30, y[0] - 6), f"{tenth / 10:.1f}", fill="black", font=font)
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    draw.text((width // 2 - 60, height - 25), "False Accept Rate (log)", fill="black", font=font)
-    draw.text((8, top - 25), "True Accept Rate", fill="black", font=font)
-    draw.text((width // 2 - 4 * len(title), 12), title, fill="black", font=font)
-    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+    dpi = 100
+    figure = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    low, high = far_range
     for index, (label, (fpr, tpr)) in enumerate(curves.items()):
-        colour = colours[index % len(colours)]
-        x, y = to_px(np.asarray(fpr, np.float64), np.asarray(tpr, np.float64))
-        draw.line(list(zip(x.tolist(), y.tolist())), fill=colour, width=2)
-        legend_y = top + 10 + 16 * index
-        draw.line([(width - right - 190, legend_y + 6), (width - right - 170, legend_y + 6)], fill=colour, width=2)
-        draw.text((width - right - 165, legend_y), label[:28], fill="black", font=font)
+        fpr, tpr = np.asarray(fpr, np.float64), np.asarray(tpr, np.float64)
+        colour = f"C{index % 10}"
+        # FPR 0 has no place on a log axis: drawn at the axis' left end
+        axes.plot(np.clip(fpr, low, high), tpr, color=colour, linewidth=1.5,
+                  label=f"{label} (AUC {100 * roc_area(fpr, tpr):.2f}%)")
+        points = tar_at_far_nearest(fpr, tpr, [far for far in mark_fars if low <= far <= high])
+        marked = {point["index"]: point for point in points.values()}  # neighbouring FARs can share a point
+        for point in marked.values():
+            x = min(max(point["fpr"], low), high)
+            axes.plot([x], [point["tar"]], marker="o", markersize=5, color=colour, linestyle="none")
+            axes.annotate(f"{100 * point['tar']:.2f}", (x, point["tar"]), textcoords="offset points",
+                          xytext=(4, -12 - 10 * index), fontsize=7, color=colour)
+    axes.set_xscale("log")
+    axes.set_xlim(low, high)
+    axes.set_ylim(0.0, 1.01)
+    axes.set_xticks([10.0 ** e for e in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)])
+    axes.grid(True, which="major", linestyle="--", linewidth=0.6)
+    axes.set_xlabel("False Accept Rate (log)")
+    axes.set_ylabel("True Accept Rate")
+    axes.set_title(title)
+    axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    image.save(tmp, format="PNG")
+    figure.savefig(tmp, format="png", dpi=dpi)
     os.replace(tmp, path)
     return path
 
@@ -479,7 +531,7 @@ def score_ijb(meta: IJBMeta, face_features: np.ndarray, *, detector_score: bool 
         "tar_at_far": {far: point["tar"] for far, point in points.items()},
         "operating_points": {far: {**point, "threshold": float(thresholds[point["index"]])}
                              for far, point in points.items()},
-        "auc": roc_auc(scores, meta.pair_labels),
+        "auc": roc_area(fpr, tpr),
     }
 
 
@@ -521,17 +573,6 @@ def evaluate_ijb(model_fn: Callable[[torch.Tensor], torch.Tensor], root: str | P
                                  {row_label: (scored["fpr"], scored["tpr"])}, title=f"{meta.name} 1:1 verification")
         json_file = output_dir / f"{meta.name.lower()}_result.json"
         result.update(scores_file=str(scores_file), roc_png=str(roc_file), json_file=str(json_file))
-        json_file.write_text(json.dumps(jsonable(result), indent=1))
+        atomic_write_json(json_file, result)
     log.info("%s TAR @ FAR (nearest-FPR convention), AUC %.5f:\n%s", meta.name, result["auc"], table)
     return result
-
-
-def jsonable(value):
-    """Floats as dict keys become strings, numpy scalars become Python numbers."""
-    if isinstance(value, dict):
-        return {(f"{k:g}" if isinstance(k, float) else k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

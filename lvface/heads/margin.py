@@ -22,6 +22,13 @@ Two gradient conventions (LossConfig.gradient):
              there for SphereFace-style m1 > 1, making the logit non-monotonic)
   d psi / dc on the angular branch is m1 * sin(m1 * theta + m2) / sin(theta), on the fallback 1.
 
+The rule every margin keeps (the blockwise pass, the Triton kernel and the dense reference rely on
+it): a margin changes only the target cosine of each row, as a function of that cosine alone
+(`target_value` and its slope `target_slope`, evaluated on N numbers, never on a block); every other
+logit is s * cos. Adding a margin is one class with `scale`, `gradient`, `target_value`,
+`target_slope` (and `target_cosine` / `target_logit` / `logits`, inherited from `Margin`) plus one line
+in `MARGINS`; `loss.margin` then accepts its name.
+
 No NaN at cos = +-1: cosines are clamped to [-1 + eps, 1 - eps] before acos and sin(theta) is taken of
 the clamped value, so values and slopes stay finite (fp32 dot products of unit vectors land slightly
 outside [-1, 1]). Near c = 1 the exact slope of ArcFace is large (it is infinite in the limit): about
@@ -131,6 +138,12 @@ class Margin:
         return logits.index_put((rows, cols), target)
 
 
+MARGINS: dict[str, type[Margin]] = {"combined": Margin}
+"""Margin families by name (loss.margin). "combined" covers ArcFace (1, 0.5, 0), CosFace (1, 0, 0.4)
+and SphereFace-style m1 > 1 through (m1, m2, m3)."""
+
+
 def margin_from_config(loss_cfg) -> Margin:
-    """The Margin described by a LossConfig (scale, m1, m2, m3, gradient)."""
-    return Margin(scale=loss_cfg.scale, m1=loss_cfg.m1, m2=loss_cfg.m2, m3=loss_cfg.m3, gradient=loss_cfg.gradient)
+    """The Margin described by a LossConfig (margin, scale, m1, m2, m3, gradient)."""
+    family = MARGINS[loss_cfg.margin]
+    return family(scale=loss_cfg.scale, m1=loss_cfg.m1, m2=loss_cfg.m2, m3=loss_cfg.m3, gradient=loss_cfg.gradient)

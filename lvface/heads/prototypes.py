@@ -107,17 +107,32 @@ def update_prototypes_(
 # --------------------------------------------------------------------------------------------------
 
 
-def check_stage(stage) -> None:
-    """Raise if a StageConfig cannot be used by the head (config.validate checks files; this checks
-    stages built in code)."""
+def check_stage(stage, where: str | None = None) -> None:
+    """Raise ValueError if one stage cannot be used by the head; `where` names it in the message
+    (config.validate passes "loss.stages[i]"; stages built in code are named by stage.name)."""
+    where = where or f"stage '{stage.name}'"
     if stage.centers not in CENTERS:
-        raise ValueError(f"stage '{stage.name}': centers is {stage.centers!r}; choose one of {', '.join(CENTERS)}")
+        raise ValueError(f"'{where}.centers' is {stage.centers!r}; choose one of {', '.join(CENTERS)}")
     if not 0.0 < stage.sample_rate <= 1.0:
-        raise ValueError(f"stage '{stage.name}': sample_rate is {stage.sample_rate}; it must be in (0, 1]")
+        raise ValueError(f"'{where}.sample_rate' is {stage.sample_rate}; it must be in (0, 1]")
     if not 0.0 <= stage.prototype_weight <= 1.0:
-        raise ValueError(f"stage '{stage.name}': prototype_weight is {stage.prototype_weight}; it must be in [0, 1]")
+        raise ValueError(f"'{where}.prototype_weight' is {stage.prototype_weight}; it must be in [0, 1]")
     if stage.center_penalty < 0.0:
-        raise ValueError(f"stage '{stage.name}': center_penalty is {stage.center_penalty}; it must be >= 0")
+        raise ValueError(f"'{where}.center_penalty' is {stage.center_penalty}; it must be >= 0")
+
+
+def check_stages(stages: list) -> None:
+    """Raise ValueError unless `stages` is a usable curriculum: non-empty, each stage valid, end epochs
+    strictly increasing. The one home of the stage rules (config.validate calls it)."""
+    if not stages:
+        raise ValueError("'loss.stages' is empty; give at least one stage")
+    previous = 0.0
+    for i, stage in enumerate(stages):
+        check_stage(stage, f"loss.stages[{i}]")
+        if stage.end_epoch <= previous:
+            raise ValueError(f"'loss.stages[{i}].end_epoch' is {stage.end_epoch}, not after the previous stage's "
+                             f"end {previous}; stages must be in increasing order")
+        previous = stage.end_epoch
 
 
 def stage_for_epoch(stages: list, epoch: float):

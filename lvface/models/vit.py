@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -48,9 +49,6 @@ __all__ = [
     "infer_variant",
     "no_weight_decay_names",
 ]
-
-ATTN_IMPLS = ("sdpa", "math")
-
 
 @dataclass(frozen=True)
 class ViTArgs:
@@ -116,7 +114,8 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     return weights.softmax(dim=-1) @ v  # (B, heads, N, head_dim)
 
 
-_ATTENTION_FNS: dict[str, Callable[..., torch.Tensor]] = {"sdpa": _sdpa_attention, "math": _math_attention}
+ATTN_IMPLS: dict[str, Callable[..., torch.Tensor]] = {"sdpa": _sdpa_attention, "math": _math_attention}
+"""The attention implementations by name (model.attn_impl): one function of (q, k, v) each."""
 
 
 class Attention(nn.Module):
@@ -126,13 +125,13 @@ class Attention(nn.Module):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"ViTArgs.embed_dim={dim} must be divisible by num_heads={num_heads}")
-        if attn_impl not in _ATTENTION_FNS:
-            raise ValueError(f"ViTArgs.attn_impl={attn_impl!r} is not one of {sorted(_ATTENTION_FNS)}")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"ViTArgs.attn_impl={attn_impl!r} is not one of {sorted(ATTN_IMPLS)}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.attn_impl = attn_impl
-        self.attend = _ATTENTION_FNS[attn_impl]
+        self.attend = ATTN_IMPLS[attn_impl]
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=True)
 
@@ -172,6 +171,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))  # (B, N, D)
         return x + self.drop_path(self.mlp(self.norm2(x)))  # (B, N, D)
+
+
+def image_size_for(grid: int, patch_size: int) -> int:
+    """Input size of a ViT with a grid x grid patch grid: 112 when it fits (112 // 9 = 12: the patch
+    convolution ignores the last 4 pixels), else grid * patch_size."""
+    return 112 if 112 // patch_size == grid else grid * patch_size
 
 
 class PatchEmbed(nn.Module):
@@ -269,6 +274,11 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> embeddings (B, num_features), not L2-normalised."""
         return self.feature(self.forward_features(x))  # (B, num_features)
+
+    @property
+    def image_size(self) -> int:
+        """The input size (pixels per side) this backbone expects."""
+        return image_size_for(math.isqrt(self.num_patches), self.patch_embed.proj.kernel_size[0])
 
 
 def _nearest(name: str, valid: list[str]) -> str:
