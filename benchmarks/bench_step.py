@@ -92,7 +92,8 @@ def _grad_reduce_probe(numel: int, device: torch.device, group, world_size: int,
     return statistics.mean(times[1:])
 
 
-def _rank_main(rank: int, args: argparse.Namespace, overrides: list[str], port: int, out_dir: str) -> None:
+def _rank_main(rank: int, args: argparse.Namespace, overrides: list[str], port: int, metrics_port: int,
+               out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(args.ranks), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.ranks)
@@ -104,6 +105,7 @@ def _rank_main(rank: int, args: argparse.Namespace, overrides: list[str], port: 
     argv = ["--config", args.config, "--ds_config", args.ds_config, *overrides,
             f"train.max_steps={args.warmup + args.steps}", "train.log_every=1000000", "eval.bins=[]",
             "eval.at_start=false", "checkpoint.every_steps=0", "checkpoint.resume=",
+            f"metrics.prometheus_port={metrics_port}",  # exporter on: on CUDA the phase timers then synchronise
             f"train.output_dir={Path(out_dir) / 'run'}"]
     result = train.main(argv)
     phases = result["step_phases"][args.warmup:]
@@ -145,8 +147,8 @@ def bench(args: argparse.Namespace, overrides: list[str]) -> dict:
         overrides = _ensure_data(overrides, Path(tmp))
         cfg = load_config(args.config, overrides)
         context = mp.get_context("spawn")
-        port = _free_port()
-        processes = [context.Process(target=_rank_main, args=(rank, args, overrides, port, tmp))
+        port, metrics_port = _free_port(), _free_port()
+        processes = [context.Process(target=_rank_main, args=(rank, args, overrides, port, metrics_port, tmp))
                      for rank in range(args.ranks)]
         for process in processes:
             process.start()

@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     set_schedule_position(engine.lr_scheduler, step)
     set_schedule_position(head_scheduler, step)
     # metrics
-    metrics = TrainMetrics(cfg.metrics.prometheus_port, info.rank, info.local_rank, info.device, sync_cuda=True)
+    metrics = TrainMetrics(cfg.metrics.prometheus_port, info.rank, info.local_rank, info.device,
+                           sync_cuda=cfg.metrics.prometheus_port > 0)
     parquet = ParquetLog(Path(cfg.train.output_dir) / "metrics.parquet", enabled=info.is_main,
                          keep_existing=bool(resume))
     verifier = VerificationCallback(cfg.eval.bins, cfg.eval.batch_size, rank=info.rank, world_size=info.world_size,

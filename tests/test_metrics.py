@@ -129,11 +129,12 @@ def test_a_real_two_rank_run_is_scraped_while_it_trains():
         # counters advance between scrapes
         assert _value(last, "lvface_steps_total", **labels) > _value(first, "lvface_steps_total", **labels)
         assert _value(last, "lvface_images_total", **labels) > _value(first, "lvface_images_total", **labels)
-        assert _value(last, "lvface_images_total") == 16 * _value(last, "lvface_steps_total")
-        # histograms fill: one observation per step for the step and its phases
+        # histograms fill: one observation per step for the step and its phases (a scrape may fall
+        # between a step's images being counted / its histograms observed and its step counter: +1)
         steps = _value(last, "lvface_steps_total")
+        assert _value(last, "lvface_images_total") in (16 * steps, 16 * (steps + 1))
         for phase in ("step", "data_wait", "backbone", "head", "head_collective", "optimizer"):
-            assert _value(last, f"lvface_{phase}_seconds_count", **labels) == steps, phase
+            assert _value(last, f"lvface_{phase}_seconds_count", **labels) in (steps, steps + 1), phase
             assert _value(last, f"lvface_{phase}_seconds_sum", **labels) > 0, phase
         assert _value(last, "lvface_memory_peak_bytes", **labels) > 1 << 20
         # names and labels follow the conventions
