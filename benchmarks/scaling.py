@@ -22,7 +22,8 @@ Communication (alpha-beta; P GPUs, n = P / gpus_per_node nodes):
   latency    ring reduce-scatter / all-gather: (P - 1) hops of the slowest link's alpha; all-reduce of
              small vectors: NCCL's tree, 2 log2(P) alpha.
   ring RS or AG of S bytes (S = the full, unsharded size): (P - 1) / P x S / busbw + (P - 1) alpha.
-  Backbone (Psi parameters, --grad-bytes per gradient, --param-bytes per parameter; bf16 = 2):
+  Backbone (Psi parameters; gradients reduced in fp32 as configs/zero*.json say, parameters gathered
+  in bf16):
     ZeRO-1  gradients reduce-scattered at the accumulation boundary (DeepSpeed stage 1 has no backward
             hooks: exposed), parameters all-gathered after the step (exposed).
     ZeRO-2  gradients reduce-scattered in buckets during backward (overlap_comm): exposed only beyond the
@@ -115,8 +116,10 @@ class Workload:
     dim: int = 512
     sample_rate: float = 1.0
     """Partial-FC rate r (LVFace: 0.3 in the early stage, 1.0 in the stable stage)."""
-    grad_bytes: int = 2
+    grad_bytes: int = 4
+    """configs/zero*.json reduce gradients in fp32 (communication_data_type)."""
     param_bytes: int = 2
+    """bf16 training: ZeRO all-gathers the updated bf16 parameters."""
     bucket_elems: int = 50_000_000
     """DeepSpeed reduce_bucket_size (configs/zero2.json): the last bucket's reduce is never hidden."""
     params: int = 0

@@ -12,7 +12,8 @@ Contents of a tag folder:
   the world size changed;
 - `config.yaml` (the resolved lvface config) and `train_state.json` (step, epoch, position);
 - `backbone.pt`: a plain fp32 state_dict with insightface arcface_torch key names, ready for
-  `load_state_dict(strict=True)`, evaluation and ONNX export.
+  `load_state_dict(strict=True)`, evaluation and ONNX export; under bf16/fp16 the optimizer's fp32
+  master weights (`master_state_dict`), not the working copy cast up.
 """
 
 from __future__ import annotations
@@ -55,6 +56,36 @@ def plain_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def master_state_dict(engine, stage: int) -> dict[str, torch.Tensor]:
+    """The backbone's state_dict on the CPU in fp32, with every trained parameter taken from the
+    optimizer's fp32 master copy, not the module's bf16/fp16 working copy cast up (which would round
+    every weight to 8 mantissa bits). Buffers (BatchNorm statistics) come from the module.
+
+    Collective under ZeRO (every rank must call it, in the same order): deepspeed's
+    safe_get_full_fp32_param reassembles each parameter from the ranks' fp32 partitions (ZeRO-1/2:
+    all-reduce; ZeRO-3: all-gather). In fp32 below ZeRO-3 the module's parameters are the master
+    weights and nothing is communicated.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    low_precision = engine.bfloat16_enabled() or engine.fp16_enabled()
+    masters = {}
+    if low_precision or stage == 3:
+        for name, param in module.named_parameters():
+            master = safe_get_full_fp32_param(param)  # None for a parameter the optimizer does not hold
+            if master is not None:
+                masters[name] = master.detach().float().cpu().clone()
+    with gathered_parameters(module, stage):  # the rest (buffers, untrained parameters) from the module
+        state = plain_state_dict(module)
+    for name, master in masters.items():
+        if master.shape != state[name].shape:
+            raise RuntimeError(f"master weight of {name} has shape {tuple(master.shape)}, the module's "
+                               f"{tuple(state[name].shape)}: DeepSpeed's fp32 partitions do not match the module")
+        state[name] = master
+    return state
+
+
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
@@ -80,8 +111,8 @@ def save_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, confi
     # when it is resumed on another world size: a pure data-parallel backbone needs no patterns.
     client_state = {"lvface": train_state, UNIVERSAL_CHECKPOINT_INFO: {}}
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    with gathered_parameters(engine.module, zero_stage):
-        backbone = plain_state_dict(engine.module) if rank == 0 else None
+    backbone = master_state_dict(engine, zero_stage)  # collective: every rank takes part
+    backbone = backbone if rank == 0 else None
     save_head_shard(folder, head, head_optimizer, extra={"step": train_state["step"]})
     if rank == 0:
         atomic_torch_save(backbone, folder / BACKBONE_FILE)

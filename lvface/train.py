@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
                                          ("mask_ratio", cfg.model.mask_ratio),
                                          ("using_checkpoint", cfg.model.using_checkpoint)) if v is not None}
     backbone = build_vit(cfg.model.name, num_features=cfg.model.num_features, attn_impl=cfg.model.attn_impl,
-                         **overrides_model)
+                         norm_impl=cfg.model.norm_impl, **overrides_model)
     if cfg.checkpoint.init_backbone:
         log.info("backbone initialised from %s", load_backbone_into(backbone, cfg.checkpoint.init_backbone))
     # DeepSpeed engine (backbone only); a resume on another world size loads a universal checkpoint
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     # head + its optimizer (outside the engine)
     head = ShardedMarginHead(num_classes, cfg.model.num_features, cfg.loss, group=info.group, impl=cfg.loss.impl,
                              chunk_bytes=cfg.loss.chunk_mb << 20, seed=cfg.train.seed).to(info.device)
-    head_optimizer = build_head_optimizer(head, cfg.optimizer, sparse_rows=cfg.optimizer.head_sparse_rows)
+    head_optimizer = build_head_optimizer(head, cfg.optimizer, sparse_rows=cfg.optimizer.head_sparse_rows,
+                                          impl=cfg.optimizer.head_impl)
     head_scheduler = torch.optim.lr_scheduler.LambdaLR(head_optimizer, lr_lambda)
     # checkpointer
     root = ckpt.checkpoint_root(cfg.train.output_dir)

@@ -387,3 +387,80 @@ def test_no_weight_decay_names() -> None:
         name for name, p in model.named_parameters() if p.ndim >= 2 and name not in ("pos_embed", "mask_token")
     }
     assert "blocks.0.attn.qkv.weight" in decayed and "feature.0.weight" in decayed
+
+
+def test_fp32_batchnorm_is_batchnorm1d_in_fp32() -> None:
+    # Same keys, same arithmetic: bit-identical to nn.BatchNorm1d in training (statistics updated the
+    # same way, cumulative momentum too) and in eval.
+    from lvface.models.vit import FP32BatchNorm1d
+
+    torch.manual_seed(0)
+    for momentum in (0.1, None):
+        ours, ref = FP32BatchNorm1d(7, eps=2e-5, momentum=momentum), torch.nn.BatchNorm1d(7, eps=2e-5, momentum=momentum)
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 2.0)
+            ours.bias.normal_()
+        ref.load_state_dict(ours.state_dict(), strict=True)
+        for _ in range(3):
+            x = torch.randn(5, 7) * 3 + 1
+            assert torch.equal(ours(x), ref(x))
+        for key, value in ref.state_dict().items():
+            assert torch.equal(ours.state_dict()[key], value), key
+        ours.eval(), ref.eval()
+        x = torch.randn(4, 7)
+        assert torch.equal(ours(x), ref(x))
+
+
+def test_fp32_batchnorm_under_bf16_keeps_fp32_statistics() -> None:
+    # Parameters cast to bf16 with fp32 statistics (DeepSpeed 0.19) and everything cast to bf16
+    # (older DeepSpeed, module.bfloat16()): both run, return bf16, keep the statistics in fp32, and
+    # give the fp32 layer's result to bf16 rounding of input, parameters and output.
+    from lvface.models.vit import FP32BatchNorm1d
+
+    torch.manual_seed(1)
+    base = FP32BatchNorm1d(16, eps=2e-5)
+    with torch.no_grad():
+        base.weight.uniform_(0.5, 2.0)
+        base.bias.normal_()
+    x = (torch.randn(32, 16) * 4 + 2).bfloat16()
+    for cast in ("parameters", "module"):
+        layer = FP32BatchNorm1d(16, eps=2e-5)
+        layer.load_state_dict(base.state_dict())
+        reference = FP32BatchNorm1d(16, eps=2e-5)
+        reference.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            reference.weight.copy_(reference.weight.bfloat16().float())
+            reference.bias.copy_(reference.bias.bfloat16().float())
+        if cast == "parameters":
+            for param in layer.parameters():
+                param.data = param.data.bfloat16()
+        else:
+            layer.bfloat16()
+        out = layer(x)
+        assert out.dtype == torch.bfloat16
+        assert layer.running_mean.dtype == layer.running_var.dtype == torch.float32
+        want = reference(x.float())
+        # bf16 output rounding: relative 2^-8 of each element
+        torch.testing.assert_close(out.float(), want, rtol=2**-8, atol=1e-6)
+        torch.testing.assert_close(layer.running_var, reference.running_var, rtol=0, atol=0)
+        layer.eval(), reference.eval()
+        torch.testing.assert_close(layer(x).float(), reference(x.float()), rtol=2**-8, atol=1e-6)
+        out.float().sum().backward()
+        assert layer.weight.grad.dtype == torch.bfloat16
+
+
+def test_norm_impl_apex_without_apex_is_a_clear_error(monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_apex(name, *args, **kwargs):
+        if name == "apex" or name.startswith("apex."):
+            raise ImportError("No module named 'apex'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_apex)
+    with pytest.raises(ValueError, match=r"model\.norm_impl=apex.*model\.norm_impl=torch"):
+        build_vit("vit_demo", norm_impl="apex")
+    with pytest.raises(ValueError, match=r"norm_impl.*model\.norm_impl"):
+        build_vit("vit_demo", norm_impl="fused")
