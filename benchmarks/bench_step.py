@@ -22,8 +22,13 @@ TrainMetrics times every step and its phases (lvface/metrics.py); this script av
         data.batch_size=64
     python benchmarks/bench_step.py --config configs/lvface_vit_l_wf42m.yaml --ranks 8 --device cuda \
         data.rec=/data/wf42m/train.rec data.batch_size=384
+    python benchmarks/bench_step.py --models vit_t vit_l --batch 384 --classes 32187 --json step.json
+        # one GPU at the per-rank shape of WebFace42M on 64 GPUs (what benchmarks/gpu_check.py runs)
 
-Without data.rec pointing at a file, a small synthetic data set is written to a temporary folder.
+Without data.rec pointing at a file, a data set is written to a temporary folder: 100 synthetic
+identities x 20 images, or with --classes, one noise JPEG per class for classes x ranks classes (the
+pixels do not matter to the step time; the head's shard size does). --json writes a list of records,
+one per model.
 """
 
 from __future__ import annotations
@@ -59,7 +64,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--warmup", type=int, default=2, help="steps run but not timed")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads per rank; 0 = cores / ranks")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: CUDA when present (bf16 there unless train.precision says otherwise)")
+    parser.add_argument("--models", nargs="+", default=None, help="run each of these model.name values")
+    parser.add_argument("--batch", type=int, default=None, help="images per rank per step (data.batch_size)")
+    parser.add_argument("--classes", type=int, default=None,
+                        help="classes per rank (the head's shard); writes a data set of classes x ranks classes")
     parser.add_argument("--json", default=None, help="write the record to this JSON file")
     return parser.parse_known_args(argv)
 
@@ -128,14 +138,38 @@ def _rank_main(rank: int, args: argparse.Namespace, overrides: list[str], port: 
     dist.destroy_process_group()
 
 
-def _ensure_data(overrides: list[str], tmp: Path) -> list[str]:
+def _noise_jpegs(count: int, size: int = 112) -> list[bytes]:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def _ensure_data(overrides: list[str], tmp: Path, classes: int | None) -> list[str]:
     if any(o.startswith("data.rec=") and Path(o.split("=", 1)[1]).is_file() for o in overrides):
         return overrides
-    from lvface.data.synthetic import write_synthetic_dataset
-
     data = tmp / "data"
-    write_synthetic_dataset(str(data), num_identities=100, images_per_identity=20, val_identities=4, val_pairs=10)
-    return [o for o in overrides if not o.startswith("data.rec=")] + [f"data.rec={data / 'train.rec'}"]
+    if classes:
+        from lvface.data.recordio import write_insightface_rec
+
+        jpegs = _noise_jpegs(16)
+        data.mkdir(parents=True)
+        write_insightface_rec(str(data), ((label, jpegs[label % len(jpegs)]) for label in range(classes)))
+    else:
+        from lvface.data.synthetic import write_synthetic_dataset
+
+        write_synthetic_dataset(str(data), num_identities=100, images_per_identity=20, val_identities=4,
+                                val_pairs=10)
+    return [o for o in overrides if not o.startswith(("data.rec=", "data.num_classes="))] + [
+        f"data.rec={data / 'train.rec'}", "data.num_classes=0"]
 
 
 def bench(args: argparse.Namespace, overrides: list[str]) -> dict:
@@ -143,7 +177,7 @@ def bench(args: argparse.Namespace, overrides: list[str]) -> dict:
     from lvface.distributed import describe_device
 
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
-        overrides = _ensure_data(overrides, Path(tmp))
+        overrides = _ensure_data(overrides, Path(tmp), args.classes and args.classes * args.ranks)
         cfg = load_config(args.config, overrides)
         context = mp.get_context("spawn")
         port, metrics_port = _free_port(), _free_port()
@@ -175,16 +209,25 @@ def bench(args: argparse.Namespace, overrides: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args, overrides = parse_args(argv)
-    record = bench(args, overrides)
-    slow = record["slowest"]
-    cells = [("step", slow["step_s"])] + [(p, slow[p + "_s"]) for p in PHASES] + [("other", slow["other_s"])]
-    print(f"{record['model']} on {record['ranks']} rank(s), {record['machine']}: {record['images_per_s']:.1f} images/s, "
-          f"peak {slow['peak_memory_mb']:.0f} MiB")
-    print("  ".join(f"{name} {1000 * value:.1f} ms" for name, value in cells))
-    print(f"grad reduce-scatter+all-gather probe {1000 * slow['grad_reduce_probe_s']:.1f} ms, "
-          f"rank spread {1000 * record['step_spread_s']:.1f} ms")
-    if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=1))
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not any(o.startswith("train.precision=") for o in overrides):
+        overrides.append("train.precision=auto")  # bf16 where the card has it (demo.yaml says fp32)
+    if args.batch:
+        overrides.append(f"data.batch_size={args.batch}")
+    records = []
+    for model in args.models or [None]:
+        record = bench(args, overrides + ([f"model.name={model}"] if model else []))
+        records.append(record)
+        slow = record["slowest"]
+        cells = [("step", slow["step_s"])] + [(p, slow[p + "_s"]) for p in PHASES] + [("other", slow["other_s"])]
+        print(f"{record['model']} on {record['ranks']} rank(s), {record['machine']}: "
+              f"{record['images_per_s']:.1f} images/s, peak {slow['peak_memory_mb']:.0f} MiB")
+        print("  ".join(f"{name} {1000 * value:.1f} ms" for name, value in cells))
+        print(f"grad reduce-scatter+all-gather probe {1000 * slow['grad_reduce_probe_s']:.1f} ms, "
+              f"rank spread {1000 * record['step_spread_s']:.1f} ms")
+        if args.json:  # after each model, so a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(records, indent=1))
     return 0
 
 

@@ -377,8 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     comp = Compute(**{k: getattr(args, k) for k in asdict(Compute())})
     measured = None
     if args.bench:
-        record = json.loads(Path(args.bench).read_text())
-        measured = {record["model"]: record["slowest"]["backbone_s"] * args.batch / record["batch_per_rank"]}
+        records = json.loads(Path(args.bench).read_text())
+        records = records if isinstance(records, list) else [records]
+        measured = {r["model"]: r["slowest"]["backbone_s"] * args.batch / r["batch_per_rank"] for r in records}
     preds = []
     for model in args.models:
         for rate in args.sample_rates:
