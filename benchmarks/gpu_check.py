@@ -189,8 +189,8 @@ def main() -> int:
     json_file = scratch / "head_micro.json"
     micro_device = (["--device", "cpu", "--threads", "1", "--batch", "64", "--classes", "1000"] if dry else
                     ["--device", "cuda", "--batch", "24576", "--classes", "32187"])
-    check.run("head", [py, str(BENCH / "bench_head.py"), "--micro", "sampler", "epl", *micro_device,
-                       "--json", str(json_file)], limit_s=60, json_file=json_file, impl="micro")
+    check.run("micro", [py, str(BENCH / "bench_head.py"), "--micro", "sampler", "epl", *micro_device,
+                        "--json", str(json_file)], limit_s=60, json_file=json_file)
 
     # step: a full training step, ViT-T and ViT-L with the fused head (bench_step.py when it exists)
     json_file = scratch / "step.json"
