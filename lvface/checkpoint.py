@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch.distributed as dist
 from lvface.checkpoint_files import BACKBONE_FILE, CONFIG_FILE, LATEST, TRAIN_STATE_FILE
 from lvface.checkpoint_head import load_head_shards, save_head_shard
 from lvface.files import atomic_torch_save, atomic_write_text
+from lvface.progress import run_with_progress
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +175,10 @@ def prepare_resume(root: Path, tag: str, *, world_size: int, rank: int, group, d
         shutil.rmtree(tmp, ignore_errors=True)
         log.info("converting %s (%d ranks) to a DeepSpeed universal checkpoint for %d ranks", root / tag,
                  saved_world, world_size)
-        proc = subprocess.run(
+        proc = run_with_progress(
             [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
              "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"],
-            capture_output=True, text=True)
+            desc="universal checkpoint")
         if proc.returncode != 0:
             raise RuntimeError(f"deepspeed.checkpoint.ds_to_universal failed on {root / tag}:\n{proc.stderr[-3000:]}")
         os.replace(tmp, universal / tag)

@@ -33,7 +33,7 @@ from lvface.engine import (build_ds_config, build_engine, build_lr_lambda, engin
                            set_schedule_position, zero_stage)
 from lvface.eval.callback import VerificationCallback
 from lvface.heads import ShardedMarginHead, build_head_optimizer, stage_for_epoch
-from lvface.metrics import ParquetLog, PrometheusMetrics, Throughput, format_duration
+from lvface.metrics import ParquetLog, Throughput, TrainMetrics, format_duration
 from lvface.models import build_vit
 from lvface.models.vit import no_weight_decay_names
 
@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     set_schedule_position(engine.lr_scheduler, step)
     set_schedule_position(head_scheduler, step)
     # metrics
-    prometheus = PrometheusMetrics(cfg.metrics.prometheus_port, info.rank, info.local_rank)
+    metrics = TrainMetrics(cfg.metrics.prometheus_port, info.rank, info.local_rank, info.device,
+                           sync_cuda=cfg.metrics.prometheus_port > 0)
     parquet = ParquetLog(Path(cfg.train.output_dir) / "metrics.parquet", enabled=info.is_main,
                          keep_existing=bool(resume))
     verifier = VerificationCallback(cfg.eval.bins, cfg.eval.batch_size, rank=info.rank, world_size=info.world_size,
@@ -135,16 +136,18 @@ def main(argv: list[str] | None = None) -> dict:
     def evaluate() -> dict:
         results = verifier(engine.module, step)
         for name, result in results.items():
-            prometheus.verification(name, result["accuracy"])
+            metrics.verification(name, result["accuracy"])
             parquet.append(step=step, **{f"{name}_accuracy": float(result["accuracy"])})
         return results
 
     def save() -> None:
         state = {"step": step, "samples_seen": samples_seen, "epoch": epoch, "position": loader.position(),
                  "world_size": info.world_size, "stage": head.stage.name}
-        ckpt.save_checkpoint(root, f"step{step:08d}", engine=engine, head=head, head_optimizer=head_optimizer,
-                             config_yaml=cfg.to_yaml(), train_state=state, zero_stage=stage_zero, rank=info.rank,
-                             group=info.group, keep_last=cfg.checkpoint.keep_last)
+        with metrics.timer("checkpoint_save"):
+            ckpt.save_checkpoint(root, f"step{step:08d}", engine=engine, head=head, head_optimizer=head_optimizer,
+                                 config_yaml=cfg.to_yaml(), train_state=state, zero_stage=stage_zero,
+                                 rank=info.rank, group=info.group, keep_last=cfg.checkpoint.keep_last)
+        metrics.count("checkpoints")
         parquet.flush()
 
     first_results = evaluate() if (verifier and cfg.eval.at_start and step == 0) else {}
@@ -160,28 +163,35 @@ def main(argv: list[str] | None = None) -> dict:
     first_loss = last_loss = None
     while step < total_steps:
         for _ in range(accum):
-            try:
-                images, labels = next(batches)
-            except StopIteration:
-                epoch += 1
-                loader.set_epoch(epoch)
-                batches = iter(loader)
-                images, labels = next(batches)
+            with metrics.timer("data_wait"):
+                try:
+                    images, labels = next(batches)
+                except StopIteration:
+                    epoch += 1
+                    loader.set_epoch(epoch)
+                    batches = iter(loader)
+                    images, labels = next(batches)
             images = images.to(dtype=next(engine.module.parameters()).dtype)
-            embeddings = engine(images)
-            loss = head(embeddings.float(), labels)
-            engine.backward(loss)
+            with metrics.timer("backbone"):
+                embeddings = engine(images)
+            with metrics.timer("head"):
+                loss = head(embeddings.float(), labels)
+            with metrics.backward_timer(embeddings):
+                engine.backward(loss)
             # The head steps at the accumulation boundary, beside engine.step(); the prototypes are
             # updated after backward (the chunked path recomputes from them in backward).
-            if engine.is_gradient_accumulation_boundary():
-                head_optimizer.step(grad_scale=engine_loss_scale(engine))
-                head_optimizer.zero_grad(set_to_none=True)
-                head.update_prototypes()
-                head_scheduler.step()
-            engine.step()
+            with metrics.timer("optimizer"):
+                if engine.is_gradient_accumulation_boundary():
+                    head_optimizer.step(grad_scale=engine_loss_scale(engine))
+                    head_optimizer.zero_grad(set_to_none=True)
+                    head.update_prototypes()
+                    head_scheduler.step()
+                engine.step()
             loss_sum += loss.detach()
             loss_count += 1
+            metrics.count("images", images.shape[0])
         step += 1
+        metrics.step_done()
         samples_seen += images_per_step
         progress = samples_seen / samples_per_epoch  # fractional epoch
         head.set_stage(stage_for_epoch(cfg.loss.stages, progress))  # logs a switch
@@ -197,19 +207,22 @@ def main(argv: list[str] | None = None) -> dict:
             log.info("step %d/%d epoch %.2f stage %s loss %.4f lr %.3e %.1f img/s eta %s", step, total_steps,
                      progress, head.stage.name, mean_loss, lr, images_per_s,
                      format_duration(eta))
-            prometheus.update(loss=mean_loss, lr=lr, images_per_second=images_per_s, step=step, epoch=progress,
-                              bad_records=loader.bad_records)
+            metrics.set(loss=mean_loss, lr=lr, step=step, epoch=progress, stage=cfg.loss.stages.index(head.stage),
+                        grad_norm=engine.get_global_grad_norm())
+            metrics.set_memory()
+            metrics.count_to("bad_records", loader.bad_records)
             parquet.append(step=step, epoch=progress, loss=mean_loss, lr=lr, images_per_s=images_per_s,
                            bad_records=loader.bad_records)
         if verifier and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
             evaluate()
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total_steps:
             save()
+        metrics.restart_step_clock()  # an evaluation or a save is not part of the next step
 
     last_results = evaluate() if verifier else {}
     save()
     loader.close()
-    summary = {"steps": step, "first_loss": first_loss, "last_loss": last_loss,
+    summary = {"steps": step, "first_loss": first_loss, "last_loss": last_loss, "timing": metrics.summary(),
                "first_accuracy": {k: float(v["accuracy"]) for k, v in first_results.items()},
                "last_accuracy": {k: float(v["accuracy"]) for k, v in last_results.items()},
                "checkpoint": str(root / f"step{step:08d}")}
@@ -219,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         (Path(cfg.train.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
         log.info("done: %s", summary)
     dist.barrier(group=info.group)
-    return summary
+    return summary | {"step_phases": list(metrics.recent), "peak_memory_bytes": metrics.set_memory()}
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -136,6 +136,8 @@ def test_gpu_check_dry_run_writes_every_stage(tmp_path):
     # triton is absent, or fails on a CPU: either way recorded, and the other figures are still written
     assert heads[("triton", 1000)]["status"] in ("skipped", "failed", "ok")
     assert heads[("dense", 2_000_000)]["status"] == "dropped" and "GiB" in heads[("dense", 2_000_000)]["reason"]
+    (micro,) = stages["micro"]  # the sampler and the EPL update against their torch compositions
+    assert micro["status"] == "ok" and {r["bench"] for r in micro["records"]} >= {"sampler", "epl"}, micro
     (step,) = stages["step"]
     assert step["status"] == "ok" and step["records"][0]["images_per_s"] > 0
     assert stages["dali"][0]["status"] == "skipped"

@@ -30,9 +30,11 @@ collectives and their order, kernels/ the per-shard math; a new backend is one f
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -89,7 +91,34 @@ def init_centers(num_classes: int, embedding_size: int, class_start: int, count:
 # Collectives (thin; every one names its group)
 # --------------------------------------------------------------------------------------------------
 
+# Wall seconds this process spent inside the head's collectives, read and reset once per step by
+# lvface.metrics (a per-process clock, not a rank). On gloo a collective returns when it is done; on
+# NCCL it returns once enqueued, so the figure is exact on the CPU and a lower bound on CUDA unless
+# the metrics synchronise the device.
+_collective_seconds = 0.0
 
+
+def take_collective_seconds() -> float:
+    """Seconds spent in the head's collectives since the last call (and reset the clock)."""
+    global _collective_seconds
+    seconds, _collective_seconds = _collective_seconds, 0.0
+    return seconds
+
+
+def _timed_collective(fn):
+    @functools.wraps(fn)
+    def timed(*args, **kwargs):
+        global _collective_seconds
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _collective_seconds += time.perf_counter() - start
+
+    return timed
+
+
+@_timed_collective
 def _all_gather_rows(local: torch.Tensor, group, world_size: int) -> torch.Tensor:
     """[B, ...] on each rank -> [W * B, ...], rank r's rows at [r * B, (r + 1) * B)."""
     if world_size == 1:
@@ -100,6 +129,7 @@ def _all_gather_rows(local: torch.Tensor, group, world_size: int) -> torch.Tenso
     return out
 
 
+@_timed_collective
 def _reduce_scatter_rows(full: torch.Tensor, group, world_size: int) -> torch.Tensor:
     """[W * B, ...] on each rank -> [B, ...]: rank r gets the sum over ranks of rows [r * B, (r + 1) * B)."""
     if world_size == 1:
@@ -110,6 +140,7 @@ def _reduce_scatter_rows(full: torch.Tensor, group, world_size: int) -> torch.Te
     return out
 
 
+@_timed_collective
 def _all_reduce(tensor: torch.Tensor, op, group, world_size: int) -> torch.Tensor:
     if world_size > 1:
         dist.all_reduce(tensor, op=op, group=group)
