@@ -113,8 +113,8 @@ class DropPath(nn.Module):
 
 
 class FP32BatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d that normalises in fp32 and keeps its running statistics in fp32, whatever dtype its
-    parameters, buffers or input were cast to; the output has the input's dtype. Parameters and keys
+    """BatchNorm1d that normalises in (at least) fp32 and keeps its running statistics in fp32, whatever
+    lower precision its parameters, buffers or input were cast to; the output has the input's dtype. Parameters and keys
     are nn.BatchNorm1d's, so insightface checkpoints load unchanged, and in fp32 it is nn.BatchNorm1d.
 
     A numerical choice of this layer, not a precision policy: the two BatchNorms set the scale of
@@ -130,8 +130,11 @@ class FP32BatchNorm1d(nn.BatchNorm1d):
         self._check_input_dim(x)
         for name in ("running_mean", "running_var"):
             statistic = getattr(self, name)
-            if statistic is not None and statistic.dtype != torch.float32:
+            if statistic is not None and statistic.dtype not in (torch.float32, torch.float64):
                 setattr(self, name, statistic.float())  # upcast once, in place of the buffer
+        # At least fp32: a float64 layer (a test's reference model, .double()) stays float64.
+        compute = torch.float64 if x.dtype == torch.float64 and (
+            self.running_mean is None or self.running_mean.dtype == torch.float64) else torch.float32
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -139,10 +142,10 @@ class FP32BatchNorm1d(nn.BatchNorm1d):
                 momentum = 1.0 / float(self.num_batches_tracked)
         use_batch_stats = self.training or self.running_mean is None
         update_stats = self.training and self.track_running_stats
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
+        weight = self.weight.to(compute) if self.weight is not None else None
+        bias = self.bias.to(compute) if self.bias is not None else None
         out = F.batch_norm(
-            x.float(),  # (B, C)
+            x.to(compute),  # (B, C)
             self.running_mean if not self.training or update_stats else None,
             self.running_var if not self.training or update_stats else None,
             weight, bias, use_batch_stats, momentum, self.eps,
