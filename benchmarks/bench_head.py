@@ -4,7 +4,8 @@ Spawns --ranks real processes (gloo on CPU, nccl on CUDA, one GPU per rank), fre
 each implementation's peak is its own. Every rank builds a ShardedMarginHead over its shard of
 --classes, takes random embeddings [batch / ranks, dim] and labels, and times `loss = head(e, y);
 loss.backward()` (the W gradient is released between steps, as zero_grad(set_to_none=True) does). No
-optimizer step, no prototype update (--centers both adds the prototype CE pass).
+optimizer step; the prototype update runs untimed after each step (--centers both adds the prototype
+CE pass).
 
     s_per_step   mean wall time of the timed steps (after one warm-up step), slowest rank
     peak_rss_mb  per-rank peak resident memory (VmHWM of the rank process), largest over ranks
@@ -14,11 +15,26 @@ optimizer step, no prototype update (--centers both adds the prototype CE pass).
                  less when the shard or the batch is small; the dense path has none)
     peak_cuda_mb torch.cuda.max_memory_allocated, on CUDA
 
+    ms           the same in milliseconds; peak_mb: peak_cuda_mb on CUDA, peak_rss_mb on the CPU
+    tflops       the three products of the margin softmax (forward logits, d embeddings, d centers),
+                 2 N D C_used FLOPs each per CE term, over the step time, per rank: the useful rate
+                 (the blockwise paths also recompute the logits in backward; not counted)
+
     python benchmarks/bench_head.py --batch 1024 --classes 200000 --dim 512 --sample-rate 1.0 \
         --ranks 2 --impl dense chunked --steps 3 --json head.json
+    python benchmarks/bench_head.py --device cuda --ranks 1 --batch 24576 --classes 32187 --dtype bf16 \
+        --impl triton dense chunked --json head_gpu.json          # the WebFace42M per-rank shape
+    python benchmarks/bench_head.py --micro sampler epl bound --batch 24576 --classes 32187 --json micro.json
 
-Prints a table and writes a JSON list of records (impl, batch, classes, dim, sample_rate, ranks,
-s_per_step, peak_rss_mb, and the columns above).
+--micro runs single-process micro-benchmarks instead (--batch is N, --classes is C_local): the
+device-side Partial-FC sampler against the previous host-side one, the EPL update's Triton kernel
+against its torch composition, and `bound`: the loss with the shift by s instead of the row max, in
+fp32, against float64 (see lvface/kernels/margin_ce.py). Triton on the CPU runs only under
+TRITON_INTERPRET=1, where timings mean nothing (correctness only); such records are skipped.
+
+Prints a table and writes a JSON list of records (impl, device, dtype, batch, classes, dim,
+sample_rate, ms, peak_mb, tflops, ranks, s_per_step, peak_rss_mb, and the columns above), rewritten
+after every record.
 """
 
 from __future__ import annotations
@@ -42,6 +58,7 @@ from lvface.heads import IMPLS, ShardedMarginHead
 
 log = logging.getLogger("bench_head")
 MB = 1 << 20
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample-rate", type=float, default=1.0, help="Partial-FC sample rate r")
     parser.add_argument("--ranks", type=int, default=2, help="processes (class shards)")
     parser.add_argument("--impl", nargs="+", default=["dense", "chunked"], choices=list(IMPLS))
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="dtype of the head (W, P, embeddings)")
+    parser.add_argument("--micro", nargs="+", default=None, choices=["sampler", "epl", "bound"],
+                        help="run these micro-benchmarks instead of the head")
     parser.add_argument("--centers", default="learned", choices=["learned", "both"], help="CE against W, or W and P")
     parser.add_argument("--chunk-mb", type=int, default=64, help="chunk memory budget of the chunked path")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
@@ -94,7 +114,7 @@ def _rank_main(rank: int, args: argparse.Namespace, impl: str, port: int, out_di
     loss_cfg = LossConfig(stages=[stage])
     head = ShardedMarginHead(
         args.classes, args.dim, loss_cfg, group=group, impl=impl, chunk_bytes=args.chunk_mb * MB, seed=0
-    ).to(device)
+    ).to(device=device, dtype=DTYPES[args.dtype])
     generator = torch.Generator().manual_seed(1000 + rank)
     local = args.batch // args.ranks
     embeddings = torch.randn(local, args.dim, generator=generator).to(device).requires_grad_()
@@ -110,6 +130,7 @@ def _rank_main(rank: int, args: argparse.Namespace, impl: str, port: int, out_di
         dist.barrier(group=group)
         if step:  # step 0 warms up
             times.append(time.perf_counter() - start)
+        head.update_prototypes()  # untimed: releases the embeddings the head keeps for the EPL update
     record = {
         "s_per_step": sum(times) / len(times),
         "peak_rss_mb": _status_mb("VmHWM"),
@@ -117,6 +138,8 @@ def _rank_main(rank: int, args: argparse.Namespace, impl: str, port: int, out_di
         "w_mb": head.weight.numel() * head.weight.element_size() / MB,
         "workspace_mb": head.workspace_bytes / MB,
         "threads": torch.get_num_threads(),
+        "resolved_impl": head.resolved_impl,
+        "c_used": max(1, int(args.sample_rate * head.num_local_classes)) if args.sample_rate < 1 else head.num_local_classes,
     }
     if device.type == "cuda":
         record["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / MB
@@ -138,29 +161,129 @@ def run_impl(args: argparse.Namespace, impl: str) -> dict:
         "floor_mb": base + 3 * biggest + workspace,  # W + P + dW + the chunk workspace
         "w_mb": biggest, "workspace_mb": workspace, "centers": args.centers, "chunk_mb": args.chunk_mb,
         "steps": args.steps, "threads": ranks[0]["threads"],
-        "device": args.device, "torch": torch.__version__,
+        "device": args.device, "torch": torch.__version__, "dtype": args.dtype,
+        "resolved_impl": ranks[0]["resolved_impl"],
     }
     if "peak_cuda_mb" in ranks[0]:
         record["peak_cuda_mb"] = max(r["peak_cuda_mb"] for r in ranks)
+    record["ms"] = 1000.0 * record["s_per_step"]
+    record["peak_mb"] = record.get("peak_cuda_mb", record["peak_rss_mb"])
+    terms = 2 if args.centers == "both" else 1
+    flops = terms * 3 * 2 * args.batch * args.dim * max(r["c_used"] for r in ranks)
+    record["tflops"] = flops / record["s_per_step"] / 1e12
     return record
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _timed(fn, device: torch.device, repeats: int) -> float:
+    """Mean milliseconds of fn() over `repeats` calls after one warm-up."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 1000.0 * (time.perf_counter() - start) / repeats
+
+
+def micro_sampler(args) -> list[dict]:
+    from lvface.kernels.pfc_sample import host_select_rows, sample_seed, select_rows
+
+    device = torch.device(args.device)
+    labels = torch.randint(-1, args.classes, (args.batch,), device=device)
+    out = []
+    for name, fn in (("device", select_rows), ("host", host_select_rows)):
+        ms = _timed(lambda: fn(labels, args.classes, args.sample_rate, sample_seed(0, 1, 0)), device, args.steps)
+        out.append({"bench": "sampler", "impl": name, "device": args.device, "batch": args.batch,
+                    "classes": args.classes, "sample_rate": args.sample_rate, "ms": ms})
+    return out
+
+
+def micro_epl(args) -> list[dict]:
+    import torch.nn.functional as F
+
+    from lvface.kernels.epl_update import epl_update_
+
+    device = torch.device(args.device)
+    prototypes = F.normalize(torch.randn(args.classes, args.dim, device=device), dim=1)
+    features = F.normalize(torch.randn(args.batch, args.dim, device=device), dim=1)
+    classes = torch.randint(0, args.classes, (args.batch,), device=device)
+    out = []
+    for impl in ("torch", "triton"):
+        if impl == "triton" and device.type != "cuda":
+            log.info("epl triton on the CPU: interpreted or absent, timing skipped (meaningless)")
+            continue
+        ms = _timed(lambda: epl_update_(prototypes, features, classes, mode="adaptive", momentum=0.9, impl=impl),
+                    device, args.steps)
+        out.append({"bench": "epl", "impl": impl, "device": args.device, "batch": args.batch,
+                    "classes": args.classes, "dim": args.dim, "ms": ms})
+    return out
+
+
+def micro_bound(args) -> list[dict]:
+    """The loss with exp(z - s) (no max pass) in fp32 vs float64 with the exact max, at init."""
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    rows = min(args.batch, 256)
+    x = F.normalize(torch.randn(rows, args.dim, generator=generator, dtype=torch.float64), dim=1)
+    w = F.normalize(torch.randn(args.classes, args.dim, generator=generator, dtype=torch.float64), dim=1)
+    cos = x @ w.t()  # (rows, C) random centers: the initial state
+    out = []
+    for scale in (32.0, 64.0, 128.0):
+        exact = torch.logsumexp(scale * cos, dim=1)
+        shifted = scale + torch.log(torch.exp((scale * cos).float() - scale).sum(dim=1)).double()
+        bad = ~torch.isfinite(shifted)
+        error = ((shifted - exact).abs() / exact.abs())[~bad]
+        out.append({"bench": "bound", "scale": scale, "classes": args.classes, "dim": args.dim,
+                    "max_cos": float(cos.max(dim=1).values.mean()), "rows_inf": int(bad.sum()), "rows": rows,
+                    "max_rel_error": float(error.max()) if error.numel() else None})
+    return out
+
+
+def run_micro(args) -> list[dict]:
+    records = []
+    for name in args.micro:
+        records += {"sampler": micro_sampler, "epl": micro_epl, "bound": micro_bound}[name](args)
+        _write(args, records)
+    for r in records:
+        log.info(json.dumps(r))
+    return records
+
+
+def _write(args, records: list[dict]) -> None:
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=2))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    records = [run_impl(args, impl) for impl in args.impl]
+    if args.micro:
+        return run_micro(args)
+    records = []
+    for impl in args.impl:
+        if impl == "triton" and args.device == "cpu" and not _interpreting():
+            log.info("triton on the CPU needs TRITON_INTERPRET=1 and its timings mean nothing: skipped")
+            continue
+        records.append(run_impl(args, impl))
+        _write(args, records)  # after every implementation: a later crash keeps the earlier figures
     header = (
-        f"{'impl':8} {'batch':>6} {'classes':>9} {'dim':>5} {'r':>5} {'ranks':>5} {'s/step':>8} "
-        f"{'peak MB':>8} {'floor MB':>8} {'base MB':>8}"
+        f"{'impl':8} {'dtype':5} {'batch':>6} {'classes':>9} {'dim':>5} {'r':>5} {'ranks':>5} {'ms':>9} "
+        f"{'TFLOP/s':>8} {'peak MB':>8} {'floor MB':>8} {'base MB':>8}"
     )
     log.info(header)
     for r in records:
         log.info(
-            f"{r['impl']:8} {r['batch']:>6} {r['classes']:>9} {r['dim']:>5} {r['sample_rate']:>5g} {r['ranks']:>5} "
-            f"{r['s_per_step']:>8.3f} {r['peak_rss_mb']:>8.0f} {r['floor_mb']:>8.0f} {r['base_rss_mb']:>8.0f}"
+            f"{r['impl']:8} {r['dtype']:5} {r['batch']:>6} {r['classes']:>9} {r['dim']:>5} {r['sample_rate']:>5g} "
+            f"{r['ranks']:>5} {r['ms']:>9.1f} {r['tflops']:>8.3f} {r['peak_mb']:>8.0f} {r['floor_mb']:>8.0f} "
+            f"{r['base_rss_mb']:>8.0f}"
         )
-    if args.json:
-        Path(args.json).write_text(json.dumps(records, indent=2))
     return records
 
 

@@ -16,7 +16,8 @@ Contents of a tag folder:
 - `config.yaml` (the resolved lvface config) and `train_state.json` (samples seen, epoch, position,
   world size, run id);
 - `backbone.pt`: a plain fp32 state_dict with insightface arcface_torch key names, ready for
-  `load_state_dict(strict=True)`, evaluation and ONNX export;
+  `load_state_dict(strict=True)`, evaluation and ONNX export; under bf16/fp16 the optimizer's fp32
+  master weights (`master_state_dict`), not the working copy cast up;
 - `manifest.json`: every file's size and SHA-256, the run id and the samples seen.
 
 `CheckpointManager` is the trainer's one place to decide "save now" (interval, end, preemption) and to
@@ -31,7 +32,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import uuid
 from contextlib import contextmanager
@@ -46,6 +46,7 @@ from lvface.checkpoint_manifest import (MANIFEST, CheckpointCorrupt, check_files
                                         manifest_digest, manifest_text, read_manifest)
 from lvface.config import ConfigError
 from lvface.files import atomic_torch_save, atomic_write_text
+from lvface.progress import run_with_progress
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,36 @@ def plain_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         key: (value.detach().float() if value.is_floating_point() else value.detach()).cpu().clone()
         for key, value in module.state_dict().items()
     }
+
+
+def master_state_dict(engine, stage: int) -> dict[str, torch.Tensor]:
+    """The backbone's state_dict on the CPU in fp32, with every trained parameter taken from the
+    optimizer's fp32 master copy, not the module's bf16/fp16 working copy cast up (which would round
+    every weight to 8 mantissa bits). Buffers (BatchNorm statistics) come from the module.
+
+    Collective under ZeRO (every rank must call it, in the same order): deepspeed's
+    safe_get_full_fp32_param reassembles each parameter from the ranks' fp32 partitions (ZeRO-1/2:
+    all-reduce; ZeRO-3: all-gather). In fp32 below ZeRO-3 the module's parameters are the master
+    weights and nothing is communicated.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    low_precision = engine.bfloat16_enabled() or engine.fp16_enabled()
+    masters = {}
+    if low_precision or stage == 3:
+        for name, param in module.named_parameters():
+            master = safe_get_full_fp32_param(param)  # None for a parameter the optimizer does not hold
+            if master is not None:
+                masters[name] = master.detach().float().cpu().clone()
+    with gathered_parameters(module, stage):  # the rest (buffers, untrained parameters) from the module
+        state = plain_state_dict(module)
+    for name, master in masters.items():
+        if master.shape != state[name].shape:
+            raise RuntimeError(f"master weight of {name} has shape {tuple(master.shape)}, the module's "
+                               f"{tuple(state[name].shape)}: DeepSpeed's fp32 partitions do not match the module")
+        state[name] = master
+    return state
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -186,8 +217,8 @@ def save_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, confi
                                   f"are unchanged") from exc
     error = None
     try:
-        with gathered_parameters(engine.module, zero_stage):
-            backbone = plain_state_dict(engine.module) if rank == 0 else None
+        backbone = master_state_dict(engine, zero_stage)  # collective: every rank takes part
+        backbone = backbone if rank == 0 else None
         save_head_shard(staging, head, head_optimizer, extra={"samples_seen": train_state["samples_seen"]},
                         barrier=False)
         if rank == 0:
@@ -353,10 +384,10 @@ def prepare_resume(root: Path, tag: str, *, world_size: int, rank: int, group, d
         shutil.rmtree(tmp, ignore_errors=True)
         log.info("converting %s (%d ranks) to a DeepSpeed universal checkpoint for %d ranks", root / tag,
                  saved_world, world_size)
-        proc = subprocess.run(
+        proc = run_with_progress(
             [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
              "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"],
-            capture_output=True, text=True)
+            desc="universal checkpoint")
         if proc.returncode != 0:
             raise RuntimeError(f"deepspeed.checkpoint.ds_to_universal failed on {root / tag}:\n{proc.stderr[-3000:]}")
         os.replace(tmp, universal / tag)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from lvface.files import atomic_torch_save
 from lvface.heads.sharded_softmax import shard_range
+from lvface.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def reshard_head_checkpoint(src_dir, dst_dir, new_world_size: int) -> list[Path]
             raise FileExistsError(f"{destination} already holds head shards ({stale.name}); use an empty folder")
     first = shards.shard(0)
     written = []
-    for rank in range(new_world_size):
+    for rank in progress(range(new_world_size), desc="reshard head", unit="shard"):
         start, count = shard_range(shards.num_classes, new_world_size, rank)
         payload = {key: first[key] for key in _COMMON_KEYS}
         payload.update(world_size=new_world_size, rank=rank, class_start=start, num_local_classes=count)

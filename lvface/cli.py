@@ -12,8 +12,9 @@ import logging
 import sys
 
 
-# Modules that add subcommands (reshard; eval, embed; export; pack, inspect).
-COMMAND_MODULES: list[str] = ["lvface.checkpoint", "lvface.eval.commands", "lvface.export", "lvface.data.pack"]
+# Modules that add subcommands (reshard; eval, embed; export; pack, inspect; plot).
+COMMAND_MODULES: list[str] = ["lvface.checkpoint", "lvface.eval.commands", "lvface.export", "lvface.data.pack",
+                              "lvface.plot"]
 
 
 def _synth(args: argparse.Namespace) -> int:

@@ -46,6 +46,8 @@ class ModelConfig:
     """Activation checkpointing of every block; None keeps the variant's preset."""
     attn_impl: str = "sdpa"
     """Attention path: sdpa (F.scaled_dot_product_attention) or math (explicit reference)."""
+    norm_impl: str = "torch"
+    """LayerNorm kernels: torch (nn.LayerNorm) or apex (NVIDIA apex's FusedLayerNorm, where installed)."""
 
 
 @dataclass
@@ -135,8 +137,9 @@ class LossConfig:
     """EPL prototype update: adaptive (similarity-adaptive factor) or momentum (fixed)."""
     prototype_momentum: float = 0.9
     """Fixed momentum a for prototype_update=momentum: P <- normalize(a * P + (1 - a) * mean)."""
-    impl: str = "chunked"
-    """Margin-softmax path: chunked (blockwise, never holds the [N, C_local] logits) or dense (reference)."""
+    impl: str = "auto"
+    """Margin-softmax path: auto (triton on CUDA when triton imports, else chunked), triton (fused kernels),
+    chunked (blockwise torch GEMMs; neither holds the [N, C_local] logits) or dense (reference)."""
     chunk_mb: int = 64
     """Memory budget of one chunk of the chunked path, in MiB."""
 
@@ -159,6 +162,9 @@ class OptimizerConfig:
     """Weight decay of the class centers; None uses weight_decay."""
     head_sparse_rows: bool = True
     """With Partial-FC sampling, update (and decay) only the centers sampled in the step; false: every row."""
+    head_impl: str = "torch"
+    """Head AdamW kernels: torch (lvface's blockwise AdamW) or apex (NVIDIA apex's fused multi-tensor
+    Adam, where installed; needs head_sparse_rows=false, since it steps every row with one step count)."""
 
 
 @dataclass
@@ -265,11 +271,14 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from lvface.heads import IMPLS
     from lvface.heads.margin import GRADIENTS, MARGINS
     from lvface.heads.prototypes import PROTOTYPE_UPDATES
-    from lvface.models.vit import ATTN_IMPLS
+    from lvface.heads.optim import HEAD_OPTIMIZER_IMPLS
+    from lvface.models.vit import ATTN_IMPLS, NORM_IMPLS
 
     return {
         **_OWN_CHOICES,
         "model.attn_impl": tuple(ATTN_IMPLS),
+        "model.norm_impl": tuple(NORM_IMPLS),
+        "optimizer.head_impl": tuple(HEAD_OPTIMIZER_IMPLS),
         "loss.margin": tuple(MARGINS),
         "loss.gradient": tuple(GRADIENTS),
         "loss.prototype_update": tuple(PROTOTYPE_UPDATES),
@@ -362,6 +371,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key 'data.{name}' must be positive")
     if cfg.train.gradient_accumulation_steps <= 0:
         raise ConfigError("config key 'train.gradient_accumulation_steps' must be positive")
+    if cfg.optimizer.head_impl == "apex" and cfg.optimizer.head_sparse_rows:
+        raise ConfigError("config key 'optimizer.head_impl' is apex, which steps every row of the centers with one "
+                          "step count; set optimizer.head_sparse_rows=false with it, or optimizer.head_impl=torch")
     if len(cfg.optimizer.betas) != 2:
         raise ConfigError("config key 'optimizer.betas' must have two numbers")
     return cfg

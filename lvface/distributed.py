@@ -68,10 +68,17 @@ def detect_launcher(env: dict | None = None) -> str:
     env = os.environ if env is None else env
     if all(k in env for k in _REQUIRED):
         return "env"
-    if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env or "PMIX_RANK" in env:
+    # Open MPI's mpirun/mpiexec is the only launcher that sets OMPI_COMM_WORLD_*; inside an sbatch
+    # script its ranks also inherit the batch step's SLURM_PROCID=0 and SLURM_NTASKS, so it goes first.
+    if "OMPI_COMM_WORLD_SIZE" in env:
         return "mpi"
+    # SLURM before PMI: `srun --mpi=pmix` (or pmi2) sets PMIX_RANK / PMI_SIZE beside SLURM_PROCID in
+    # every task without any MPI launcher, and SLURM's variables alone give the whole layout
+    # (SLURM_LOCALID, SLURM_JOB_NODELIST) without MPI's discovery.
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         return "slurm"
+    if "PMI_SIZE" in env or "PMIX_RANK" in env:  # MPICH / Intel MPI hydra, or PMIx outside SLURM
+        return "mpi"
     return "single"
 
 

@@ -11,6 +11,7 @@ value that contradicts lvface's config is an error rather than a silent winner.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -239,7 +240,7 @@ def _forced_overflow(optimizer, force: bool):
 
 
 def train_step(engine, head, head_optimizer, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], *,
-               accumulation: int, group, stop_requested: bool = False) -> StepResult:
+               accumulation: int, group, stop_requested: bool = False, metrics=None) -> StepResult:
     """One optimizer step of the backbone (DeepSpeed) and the head, taken together on every rank.
 
     `accumulation` micro-batches from `next_batch()` go forward and backward; at the accumulation
@@ -250,20 +251,30 @@ def train_step(engine, head, head_optimizer, next_batch: Callable[[], tuple[torc
       neither W, its optimizer moments, the EPL prototypes nor the backbone's BatchNorm statistics
       change on any rank;
     - stop: some rank received a stop signal (`stop_requested`, lvface/preemption.py).
-    The learning rates are the caller's (set per step from the samples seen).
+    The learning rates are the caller's (set per step from the samples seen). `metrics`
+    (lvface.metrics.TrainMetrics) times the phases of the step when given.
     """
+    timer = metrics.timer if metrics is not None else (lambda name: contextlib.nullcontext())
+    backward_timer = metrics.backward_timer if metrics is not None else (lambda tensor: contextlib.nullcontext())
     dtype = model_dtype(engine.module)
     # Forward passes move BatchNorm running statistics; a skipped step must not keep them (small).
     buffers = {name: buffer.clone() for name, buffer in engine.module.named_buffers()}
     loss_sum = torch.zeros((), device=head.weight.device)
     for micro in range(accumulation):
-        images, labels = next_batch()
-        embeddings = engine(images.to(dtype=dtype))
-        loss = head(embeddings.float(), labels)
-        engine.backward(loss)
+        with timer("data_wait"):
+            images, labels = next_batch()
+        with timer("backbone"):
+            embeddings = engine(images.to(dtype=dtype))
+        with timer("head"):
+            loss = head(embeddings.float(), labels)
+        with backward_timer(embeddings):
+            engine.backward(loss)
         loss_sum += loss.detach()
+        if metrics is not None:
+            metrics.count("images", images.shape[0])
         if micro < accumulation - 1:
-            engine.step()  # DeepSpeed counts the micro-step; nothing is applied before the boundary
+            with timer("optimizer"):
+                engine.step()  # DeepSpeed counts the micro-step; nothing is applied before the boundary
     if not engine.is_gradient_accumulation_boundary():
         raise RuntimeError(f"train_step: DeepSpeed is not at a gradient-accumulation boundary after {accumulation} "
                            f"micro-batches; its gradient_accumulation_steps must equal train.gradient_accumulation_steps")
@@ -273,15 +284,16 @@ def train_step(engine, head, head_optimizer, next_batch: Callable[[], tuple[torc
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
     skip, stop = bool(flags[0]), bool(flags[1])
     grad_scale = engine_loss_scale(engine)  # before engine.step(), which may change an fp16 loss scale
-    with _forced_overflow(engine.optimizer, skip):
+    with timer("optimizer"), _forced_overflow(engine.optimizer, skip):
         engine.step()
     applied = engine.was_step_applied()
     if skip and applied:
         raise RuntimeError("DeepSpeed applied a step that lvface asked it to skip (non-finite loss or gradient)")
     # The head follows DeepSpeed's decision, which includes the backbone's gradients.
     if applied:
-        head_optimizer.step(grad_scale=grad_scale)
-        head.update_prototypes()  # after backward: the chunked path recomputes from them in backward
+        with timer("optimizer"):
+            head_optimizer.step(grad_scale=grad_scale)
+            head.update_prototypes()  # after backward: the chunked path recomputes from them in backward
     else:
         head.discard_update()
         with torch.no_grad():

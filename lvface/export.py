@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from lvface.models import VisionTransformer
+from lvface.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def check_onnx(onnx_path: str | Path, module: torch.nn.Module, *, parity_batches
 
     parity = []
     generator = torch.Generator().manual_seed(0)
-    for batch in parity_batches:
+    for batch in progress(parity_batches, desc="export: parity", unit="batch"):
         random_inputs = torch.rand(batch, 3, image_size, image_size, generator=generator) * 2 - 1
         parity.append({"inputs": "random uniform [-1, 1]", **_parity(session, module, random_inputs)})
         faces = synthetic_face_batch(batch, image_size)

@@ -1,19 +1,296 @@
-"""Training metrics: the progress line, a Prometheus exporter, and a Parquet log of every logged step.
+"""Training metrics: the progress line, Prometheus metrics of every rank, and a Parquet log of every logged step.
 
-The progress line and the Parquet log are rank 0's; every rank may serve Prometheus metrics on
-`metrics.prometheus_port + local_rank` (labelled with its rank) so that a scraper sees stragglers.
+The progress line and the Parquet log are rank 0's. Every rank serves its Prometheus metrics on
+`metrics.prometheus_port + local_rank` (one exporter per process, so no multi-process collector is
+needed), labelled `rank` and `local_rank` only -- never a step number, which would create a new time
+series per step. The names follow the Prometheus conventions: counters end in `_total`, durations are
+histograms in `_seconds`, sizes are `_bytes`. `METRICS` below is the one list of what lvface exports;
+launch/grafana/lvface.json queries only these (tests/test_dashboard.py checks it).
+
+Scraping (one target per rank): a Prometheus `scrape_configs` entry for an 8-GPU node with
+metrics.prometheus_port 9400 lists host:9400 ... host:9407; on Kubernetes, launch/k8s/podmonitor.yaml
+does the same through the Prometheus Operator. See launch/README.md.
+
+The training loop uses a small API (`TrainMetrics`):
+
+    with metrics.timer("data_wait"):        # a phase of the current step (summed over micro-batches)
+        images, labels = next(batches)
+    metrics.count("images", n)              # a counter
+    metrics.step_done()                     # observe the step's phases and the step time
+    metrics.set(loss=..., lr=...)           # gauges
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from lvface.config import ConfigError
 from lvface.files import atomic_open
 
 log = logging.getLogger(__name__)
+
+PREFIX = "lvface_"
+LABELS = ("rank", "local_rank")
+
+# Histogram buckets: steps and their phases from 1 ms to ~2 min; checkpoint saves from 0.1 s to ~1.5 h.
+_STEP_BUCKETS = tuple(0.001 * 2.0**k for k in range(18)) + (float("inf"),)
+_SAVE_BUCKETS = tuple(0.1 * 2.0**k for k in range(16)) + (float("inf"),)
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    """Name without the lvface_ prefix and without the _total suffix prometheus_client adds to counters."""
+    kind: str
+    """counter, histogram or gauge."""
+    doc: str
+    per_step: bool = False
+    """A histogram of a phase of the training step: `timer` sums it over the step's micro-batches and
+    `step_done` observes the sum once."""
+    buckets: tuple[float, ...] = _STEP_BUCKETS
+    extra_labels: tuple[str, ...] = ()
+
+
+METRICS: tuple[Metric, ...] = (
+    # counters (exported as lvface_<name>_total)
+    Metric("images", "counter", "Training images this rank has consumed"),
+    Metric("steps", "counter", "Optimizer steps this rank has taken"),
+    Metric("skipped_steps", "counter", "Optimizer steps skipped because the loss or a gradient was not finite"),
+    Metric("bad_records", "counter", "Training records of this rank skipped because they failed to decode"),
+    Metric("checkpoints", "counter", "Checkpoints written (this rank's part)"),
+    Metric("preemption_saves", "counter", "Checkpoints written because the job was told to stop (SIGTERM/SIGUSR1)"),
+    # histograms
+    Metric("step_seconds", "histogram", "Wall time of one optimizer step, all micro-batches included"),
+    Metric("data_wait_seconds", "histogram", "Time a step waited for its batches from the loader", per_step=True),
+    Metric("backbone_seconds", "histogram",
+           "Backbone forward + backward of a step (backward includes DeepSpeed's gradient reduction)", per_step=True),
+    Metric("head_seconds", "histogram",
+           "Margin-softmax head forward + backward of a step, its collectives included", per_step=True),
+    Metric("head_collective_seconds", "histogram",
+           "Time inside the head's collectives (embedding all-gather, reduce-scatter, O(N) all-reduces)",
+           per_step=True),
+    Metric("optimizer_seconds", "histogram",
+           "Both optimizers' steps (ZeRO's parameter all-gather included) and the prototype update", per_step=True),
+    Metric("checkpoint_save_seconds", "histogram", "Wall time of writing one checkpoint", buckets=_SAVE_BUCKETS),
+    # gauges
+    Metric("loss", "gauge", "Mean training loss over the steps since the last log line (all ranks)"),
+    Metric("lr", "gauge", "Learning rate of the backbone (the head follows the same schedule)"),
+    Metric("stage", "gauge", "Index of the current training stage in loss.stages"),
+    Metric("grad_norm", "gauge", "Global gradient norm of the backbone before clipping (DeepSpeed's)"),
+    Metric("epoch", "gauge", "Fractional epoch"),
+    Metric("step", "gauge", "Optimizer steps taken since the run began (resumes continue it)"),
+    Metric("memory_peak_bytes", "gauge",
+           "Peak memory of this rank: torch.cuda.max_memory_allocated on a GPU, the peak RSS (VmHWM) on the CPU"),
+    Metric("verification_accuracy", "gauge", "Last 10-fold verification accuracy of a set", extra_labels=("set",)),
+)
+_BY_NAME = {metric.name: metric for metric in METRICS}
+PHASES = tuple(metric.name[: -len("_seconds")] for metric in METRICS if metric.per_step)
+
+
+def _metric(name: str, kind: str) -> Metric:
+    key = name if kind == "counter" else name + "_seconds" if kind == "histogram" else name
+    metric = _BY_NAME.get(key)
+    if metric is None or metric.kind != kind:
+        known = sorted(m.name for m in METRICS if m.kind == kind)
+        raise KeyError(f"lvface exports no {kind} {name!r}; add it to lvface.metrics.METRICS (known: {known})")
+    return metric
+
+
+def build_registry():
+    """A prometheus_client CollectorRegistry holding every lvface metric; (registry, {name: collector})."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    registry = CollectorRegistry()
+    collectors = {}
+    for metric in METRICS:
+        labels = LABELS + metric.extra_labels
+        full = PREFIX + metric.name
+        if metric.kind == "counter":
+            collectors[metric.name] = Counter(full, metric.doc, labels, registry=registry)
+        elif metric.kind == "histogram":
+            collectors[metric.name] = Histogram(full, metric.doc, labels, registry=registry, buckets=metric.buckets)
+        else:
+            collectors[metric.name] = Gauge(full, metric.doc, labels, registry=registry)
+    return registry, collectors
+
+
+def exported_sample_names() -> set[str]:
+    """Every sample name a scrape of lvface can show (lvface_images_total, lvface_step_seconds_bucket, ...),
+    read from a registry built from METRICS; what a dashboard may query."""
+    registry, collectors = build_registry()
+    for metric in METRICS:  # a labelled collector shows no samples until it has a child
+        labels = dict.fromkeys(LABELS + metric.extra_labels, "0")
+        collectors[metric.name].labels(**labels)
+    return {sample.name for family in registry.collect() for sample in family.samples}
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """torch.cuda.max_memory_allocated on a CUDA device; this process's peak RSS (VmHWM) otherwise."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # not Linux: ru_maxrss (KiB on Linux-likes, bytes on macOS; good enough there)
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class TrainMetrics:
+    """The metrics of one rank: Prometheus collectors served on `port + local_rank` when port > 0, and
+    in-process totals of the step phases (what benchmarks/bench_step.py reads) either way.
+
+    On CUDA, `sync_cuda=True` synchronises the device at the edges of every timed phase so that a phase's
+    time is its GPU work, not its launch; that removes some CPU/GPU overlap, so the trainer turns it on
+    only when the exporter is on.
+    """
+
+    def __init__(self, port: int = 0, rank: int = 0, local_rank: int = 0, device: torch.device | None = None,
+                 sync_cuda: bool = False):
+        self.enabled = port > 0
+        self.device = device or torch.device("cpu")
+        self.sync_cuda = sync_cuda and self.device.type == "cuda"
+        self.labels = {"rank": str(rank), "local_rank": str(local_rank)}
+        self.pending = dict.fromkeys(PHASES, 0.0)
+        """Seconds of each phase in the step under way."""
+        self.totals = dict.fromkeys(PHASES + ("step",), 0.0)
+        """Seconds of each phase (and of whole steps) summed over all finished steps."""
+        self.steps = 0
+        self.recent: collections.deque[dict] = collections.deque(maxlen=1000)
+        """Seconds of each phase and of the step, per step, for the last 1000 steps (benchmarks/bench_step.py)."""
+        self.last_step_end = time.perf_counter()
+        self._counter_totals: dict[str, float] = {}
+        self.port = port + local_rank if self.enabled else 0
+        if not self.enabled:
+            return
+        from prometheus_client import start_http_server
+
+        self.registry, collectors = build_registry()
+        self.children = {name: c.labels(**self.labels) for name, c in collectors.items() if not _BY_NAME[name].extra_labels}
+        self.collectors = collectors
+        try:
+            start_http_server(self.port, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(f"the Prometheus exporter of rank {rank} cannot listen on port {self.port} "
+                              f"(metrics.prometheus_port={port} + local rank {local_rank}): {exc.strerror or exc}; "
+                              f"choose another metrics.prometheus_port, or 0 to disable the exporter") from None
+        log.info("Prometheus metrics on port %d", self.port)
+
+    # ---- time
+    def _sync(self) -> None:
+        if self.sync_cuda:
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def timer(self, name: str):
+        """Time the block: a step phase (data_wait, backbone, head, optimizer) is added to the step under
+        way; any other histogram (checkpoint_save) is observed at once."""
+        metric = _metric(name, "histogram")
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self._add(metric, time.perf_counter() - start)
+
+    def _add(self, metric: Metric, seconds: float) -> None:
+        name = metric.name[: -len("_seconds")]
+        if metric.per_step:
+            self.pending[name] += seconds
+        elif self.enabled:
+            self.children[metric.name].observe(seconds)
+
+    @contextlib.contextmanager
+    def backward_timer(self, embeddings: torch.Tensor):
+        """Time a backward pass through head and backbone, split where the gradient reaches `embeddings`
+        (the backbone's output): before that is the head's backward, after it the backbone's."""
+        boundary = []
+        handle = embeddings.register_hook(lambda grad: boundary.append(time.perf_counter()))
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            end = time.perf_counter()
+            handle.remove()
+            split = boundary[0] if boundary else end
+            self.pending["head"] += split - start
+            self.pending["backbone"] += end - split
+
+    def step_done(self) -> None:
+        """Close the step: observe its phases, its wall time since the last step_done, and the head's
+        collective time (read from the head's own clock); count the step."""
+        from lvface.heads.sharded_softmax import take_collective_seconds
+
+        now = time.perf_counter()
+        self.pending["head_collective"] += take_collective_seconds()
+        step_seconds = now - self.last_step_end
+        self.last_step_end = now
+        self.steps += 1
+        self.totals["step"] += step_seconds
+        for name, seconds in self.pending.items():
+            self.totals[name] += seconds
+        self.recent.append({"step": step_seconds, **self.pending})
+        if self.enabled:
+            self.children["step_seconds"].observe(step_seconds)
+            for name, seconds in self.pending.items():
+                self.children[name + "_seconds"].observe(seconds)
+            self.children["steps"].inc()
+        self.pending = dict.fromkeys(PHASES, 0.0)
+
+    def restart_step_clock(self) -> None:
+        """Start the next step's wall clock now (after an evaluation or a checkpoint between steps)."""
+        from lvface.heads.sharded_softmax import take_collective_seconds
+
+        take_collective_seconds()
+        self.last_step_end = time.perf_counter()
+
+    # ---- counters and gauges
+    def count(self, name: str, amount: float = 1) -> None:
+        """Add `amount` to counter `name` (images, skipped_steps, checkpoints, preemption_saves, ...)."""
+        metric = _metric(name, "counter")
+        if self.enabled and amount:
+            self.children[metric.name].inc(amount)
+
+    def count_to(self, name: str, total: float) -> None:
+        """Advance counter `name` to `total` (for totals kept elsewhere, like the loader's bad records)."""
+        previous = self._counter_totals.get(name, 0.0)
+        if total > previous:
+            self.count(name, total - previous)
+            self._counter_totals[name] = total
+
+    def set(self, **values: float | None) -> None:
+        """Set gauges by name; None leaves a gauge as it is. memory_peak_bytes is set by `set_memory`."""
+        for name, value in values.items():
+            metric = _metric(name, "gauge")
+            if self.enabled and value is not None:
+                self.children[metric.name].set(float(value))
+
+    def set_memory(self) -> int:
+        peak = peak_memory_bytes(self.device)
+        self.set(memory_peak_bytes=peak)
+        return peak
+
+    def verification(self, name: str, accuracy: float) -> None:
+        if self.enabled:
+            self.collectors["verification_accuracy"].labels(set=name, **self.labels).set(accuracy)
+
+    def summary(self) -> dict:
+        """Mean seconds per step of the step time and of every phase over the finished steps."""
+        steps = max(self.steps, 1)
+        return {f"{name}_s": seconds / steps for name, seconds in self.totals.items()} | {"steps": self.steps}
 
 
 def format_duration(seconds: float) -> str:
@@ -41,60 +318,6 @@ class Throughput:
         eta = (now - self.start_time) / done * (self.total_steps - step) if done > 0 else float("nan")
         self.last_time, self.last_step = now, step
         return images_per_s, eta
-
-
-class PrometheusMetrics:
-    """Gauges and counters of one rank, served over HTTP by prometheus_client when port > 0."""
-
-    def __init__(self, port: int, rank: int, local_rank: int):
-        self.enabled = port > 0
-        if not self.enabled:
-            return
-        from prometheus_client import CollectorRegistry, Gauge, start_http_server
-
-        self.registry = CollectorRegistry()
-        labels = {"rank": str(rank)}
-        names = {
-            "loss": "Training loss of the last logged step",
-            "lr": "Learning rate of the backbone",
-            "images_per_second": "Global training throughput",
-            "step": "Optimizer steps taken",
-            "epoch": "Fractional epoch",
-            "verification_accuracy": "Last 10-fold verification accuracy",
-            "bad_records": "Records of this rank skipped because they failed to decode (since start)",
-        }
-        self.gauges = {}
-        for name, doc in names.items():
-            extra = ("set",) if name == "verification_accuracy" else ()
-            gauge = Gauge(f"lvface_{name}", doc, ("rank",) + extra, registry=self.registry)
-            self.gauges[name] = gauge
-        self.labels = labels
-        from prometheus_client import Counter
-
-        self.nonfinite = Counter("lvface_nonfinite_steps", "Optimizer steps skipped for a non-finite loss or gradient",
-                                 ("rank",), registry=self.registry)
-        self.nonfinite.labels(**labels)  # exported at 0 from the start
-        try:
-            start_http_server(port + local_rank, registry=self.registry)
-        except OSError as exc:
-            raise ConfigError(f"the Prometheus exporter of rank {rank} cannot listen on port {port + local_rank} "
-                              f"(metrics.prometheus_port={port} + local rank {local_rank}): {exc.strerror or exc}; "
-                              f"choose another metrics.prometheus_port, or 0 to disable the exporter") from None
-        log.info("Prometheus metrics on port %d", port + local_rank)
-
-    def update(self, **values: float) -> None:
-        if not self.enabled:
-            return
-        for name, value in values.items():
-            self.gauges[name].labels(**self.labels).set(value)
-
-    def nonfinite_step(self) -> None:
-        if self.enabled:
-            self.nonfinite.labels(**self.labels).inc()
-
-    def verification(self, name: str, accuracy: float) -> None:
-        if self.enabled:
-            self.gauges["verification_accuracy"].labels(set=name, **self.labels).set(accuracy)
 
 
 class ParquetLog:

@@ -35,7 +35,7 @@ from lvface.engine import (NonFiniteSteps, NonFiniteTraining, build_ds_config, b
                            param_groups, set_schedule_position, train_step, zero_stage)
 from lvface.eval.callback import VerificationCallback
 from lvface.heads import ShardedMarginHead, build_head_optimizer, stage_for_epoch
-from lvface.metrics import ParquetLog, PrometheusMetrics, Throughput, format_duration
+from lvface.metrics import ParquetLog, Throughput, TrainMetrics, format_duration
 from lvface.models import build_vit
 from lvface.models.vit import no_weight_decay_names
 from lvface.preemption import EXIT_PREEMPTED, Preempted, StopRequest, watch_launcher
@@ -172,7 +172,7 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
                                          ("mask_ratio", cfg.model.mask_ratio),
                                          ("using_checkpoint", cfg.model.using_checkpoint)) if v is not None}
     backbone = build_vit(cfg.model.name, num_features=cfg.model.num_features, attn_impl=cfg.model.attn_impl,
-                         **overrides_model)
+                         norm_impl=cfg.model.norm_impl, **overrides_model)
     if cfg.checkpoint.init_backbone:
         log.info("backbone initialised from %s", load_backbone_into(backbone, cfg.checkpoint.init_backbone))
     # DeepSpeed engine (backbone only); a resume on another world size loads a universal checkpoint
@@ -187,7 +187,8 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
     # head + its optimizer (outside the engine)
     head = ShardedMarginHead(num_classes, cfg.model.num_features, cfg.loss, group=info.group, impl=cfg.loss.impl,
                              chunk_bytes=cfg.loss.chunk_mb << 20, seed=cfg.train.seed).to(info.device)
-    head_optimizer = build_head_optimizer(head, cfg.optimizer, sparse_rows=cfg.optimizer.head_sparse_rows)
+    head_optimizer = build_head_optimizer(head, cfg.optimizer, sparse_rows=cfg.optimizer.head_sparse_rows,
+                                          impl=cfg.optimizer.head_impl)
     head_scheduler = torch.optim.lr_scheduler.LambdaLR(head_optimizer, lr_lambda)
     # checkpointer
     checkpoints = CheckpointManager(cfg.train.output_dir, run_id=run_id, every_steps=cfg.checkpoint.every_steps,
@@ -206,7 +207,8 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
     set_schedule_position(engine.lr_scheduler, step)
     set_schedule_position(head_scheduler, step)
     # metrics
-    prometheus = PrometheusMetrics(cfg.metrics.prometheus_port, info.rank, info.local_rank)
+    metrics = TrainMetrics(cfg.metrics.prometheus_port, info.rank, info.local_rank, info.device,
+                           sync_cuda=cfg.metrics.prometheus_port > 0)
     parquet = ParquetLog(Path(cfg.train.output_dir) / "metrics.parquet", enabled=info.is_main,
                          keep_existing=bool(resume))
     verifier = VerificationCallback(cfg.eval.bins, cfg.eval.batch_size, rank=info.rank, world_size=info.world_size,
@@ -218,14 +220,16 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
     def evaluate() -> dict:
         results = verifier(engine.module, step)
         for name, result in results.items():
-            prometheus.verification(name, result["accuracy"])
+            metrics.verification(name, result["accuracy"])
             parquet.append(step=step, **{f"{name}_accuracy": float(result["accuracy"])})
         return results
 
     def save() -> Path:
-        folder = checkpoints.save(engine=engine, head=head, head_optimizer=head_optimizer, train_state={
-            "step": step, "samples_seen": samples_seen, "epoch": batches.epoch, "position": loader.position(),
-            "world_size": info.world_size, "stage": head.stage.name, "reference_global_batch": reference_batch})
+        with metrics.timer("checkpoint_save"):
+            folder = checkpoints.save(engine=engine, head=head, head_optimizer=head_optimizer, train_state={
+                "step": step, "samples_seen": samples_seen, "epoch": batches.epoch, "position": loader.position(),
+                "world_size": info.world_size, "stage": head.stage.name, "reference_global_batch": reference_batch})
+        metrics.count("checkpoints")
         parquet.flush()
         return folder
 
@@ -242,14 +246,15 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
     first_loss = last_loss = None
     while step < total_steps:
         result = train_step(engine, head, head_optimizer, batches, accumulation=accum, group=info.group,
-                            stop_requested=stop.requested)
+                            stop_requested=stop.requested, metrics=metrics)
         step += 1
+        metrics.step_done()
         samples_seen += images_per_step
         # DeepSpeed does not step its scheduler on a skipped step: the schedule follows the samples seen
         set_schedule_position(engine.lr_scheduler, step)
         set_schedule_position(head_scheduler, step)
         if result.skipped:
-            prometheus.nonfinite_step()
+            metrics.count("skipped_steps")
         else:
             loss_sum += result.loss_sum
             loss_count += result.micro_batches
@@ -267,12 +272,15 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
             lr = engine.get_lr()[0]
             log.info("step %d/%d epoch %.2f stage %s loss %.4f lr %.3e %.1f img/s eta %s", step, total_steps,
                      progress, head.stage.name, mean_loss, lr, images_per_s, format_duration(eta))
-            prometheus.update(loss=mean_loss, lr=lr, images_per_second=images_per_s, step=step, epoch=progress,
-                              bad_records=loader.bad_records)
+            metrics.set(loss=mean_loss, lr=lr, step=step, epoch=progress, stage=cfg.loss.stages.index(head.stage),
+                        grad_norm=engine.get_global_grad_norm())
+            metrics.set_memory()
+            metrics.count_to("bad_records", loader.bad_records)
             parquet.append(step=step, epoch=progress, loss=mean_loss, lr=lr, images_per_s=images_per_s,
                            bad_records=loader.bad_records, nonfinite_steps=nonfinite.total)
         if result.stop:
             folder = save()
+            metrics.count("preemption_saves")
             log.warning("preemption save: %s written after step %d; exiting with %d so that the job is requeued",
                         folder, step, EXIT_PREEMPTED)
             if info.is_main:  # for launchers that lose the exit code (torchrun): launch/k8s/pytorchjob.yaml
@@ -283,11 +291,12 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
             evaluate()
         if checkpoints.due(step, last=False, stop=False) and step < total_steps:
             save()
+        metrics.restart_step_clock()  # an evaluation or a save is not part of the next step
 
     last_results = evaluate() if verifier else {}
     folder = save()
     loader.close()
-    summary = {"steps": step, "first_loss": first_loss, "last_loss": last_loss,
+    summary = {"steps": step, "first_loss": first_loss, "last_loss": last_loss, "timing": metrics.summary(),
                "first_accuracy": {k: float(v["accuracy"]) for k, v in first_results.items()},
                "last_accuracy": {k: float(v["accuracy"]) for k, v in last_results.items()},
                "checkpoint": str(folder), "nonfinite_steps": nonfinite.total}
@@ -295,7 +304,7 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
         (Path(cfg.train.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
         log.info("done: %s", summary)
     dist.barrier(group=info.group)
-    return summary
+    return summary | {"step_phases": list(metrics.recent), "peak_memory_bytes": metrics.set_memory()}
 
 
 class CollectiveFailed(RuntimeError):

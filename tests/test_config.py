@@ -124,6 +124,18 @@ def test_deepspeed_auto_fields_filled_and_conflicts_refused():
         build_ds_config("missing.json", cfg, 1, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("name", ["zero1.json", "zero2.json", "zero3.json"])
+def test_shipped_deepspeed_configs_reduce_gradients_in_fp32(name):
+    # bf16 gradients summed over 64 ranks lose the low bits of small contributions; the shipped
+    # configs ask DeepSpeed to communicate in fp32. Read back through DeepSpeed's own parser.
+    from deepspeed.runtime.config import get_communication_data_type
+
+    cfg = load_config(None, ["train.precision=bf16"])
+    ds = build_ds_config(CONFIGS / name, cfg, world_size=64, device=torch.device("cpu"))
+    assert ds["bf16"]["enabled"] is True
+    assert get_communication_data_type(ds) == torch.float32
+
+
 def test_lr_schedule_warmup_then_decay():
     # warmup 10 steps of 100, polynomial power 2 to zero
     values = [lr_factor(s, 100, 10, "polynomial", 2.0, 0.0) for s in range(100)]

@@ -9,6 +9,7 @@ run on their running statistics here; everything else is in training mode.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -86,7 +87,15 @@ def test_two_rank_step_equals_one_process(stage, ds_file):
     results = run_on_ranks(_deepspeed_step, 2, images, labels, state_dict, stage, ds_file, timeout=300)
 
     for result in results:
-        assert result["loss"] == pytest.approx(ref_loss, rel=1e-5)
+        assert result["loss"] == pytest.approx(ref_loss, rel=1e-5)  # float32: 84 eps of the loss; seen equal
+    # float32, batches of 4 (two ranks) against one of 8: only the rounding differs, relative to each tensor's
+    # largest entry. The longest sums behind these gradients run over every patch token of the batch
+    # (K = 8 x 144): their rounding grows like eps * sqrt(K), allow 4x; and where another CPU rounds the
+    # forward differently (a few eps of an embedding), the logits s * cos (s = 64) move by s times that and the
+    # gradients by up to twice as much: allow 2 * s * 4 eps. Together 7.7e-5; seen 1.5e-6 (the backbone, on
+    # AVX-512, AVX2 and default kernels, 1 or 2 threads), the head's gradient and the loss bit-identical.
+    eps = torch.finfo(torch.float32).eps
+    relative = 4 * eps * math.sqrt(GLOBAL_BATCH * 144) + 2 * 64.0 * 4 * eps
     backbone = results[0]["backbone"]
     assert backbone.keys() == ref_backbone.keys()
     for name, grad in backbone.items():
@@ -94,8 +103,9 @@ def test_two_rank_step_equals_one_process(stage, ds_file):
         if reference is None:  # unused without masking (mask_token): DeepSpeed keeps a zero gradient
             assert grad is None or not grad.any(), name
             continue
-        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6, msg=lambda m: f"backbone grad {name}: {m}")
+        torch.testing.assert_close(grad, reference, rtol=0, atol=relative * reference.abs().max().item(),
+                                   msg=lambda m: f"backbone grad {name}: {m}")
     head = torch.cat([grad for _, grad in sorted((r["head"] for r in results), key=lambda item: item[0])])
-    torch.testing.assert_close(head, ref_head, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(head, ref_head, rtol=0, atol=relative * ref_head.abs().max().item())
     # a gradient that is zero everywhere would pass trivially: make sure it is not
     assert all(g.abs().sum() > 0 for g in ref_backbone.values() if g is not None)

@@ -105,6 +105,19 @@ def images(batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, 112, 112, generator=torch.Generator().manual_seed(seed))
 
 
+# "Same math" claims run both sides in float64 (eps 2.2e-16) and allow 1e-9 of the largest value compared.
+# The largest differences seen are ~2e-13 of it (4 blocks, and train-mode BatchNorm over 4 samples, which
+# amplifies rounding), so another CPU's kernels have 5000x room, while a real error (a wrong scale, mask
+# or order) moves values by far more than 1e-9. In float32 the same runs differ by up to 1e-5, by CPU.
+F64_RTOL = 1e-9
+
+
+def assert_same_math(got: torch.Tensor, want: torch.Tensor, scale: float, msg: str | None = None) -> None:
+    """float64 `got` == `want` up to F64_RTOL relative, and F64_RTOL * `scale` absolute (for values near 0)."""
+    assert got.dtype == want.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=F64_RTOL, atol=F64_RTOL * scale, msg=msg)
+
+
 # ----------------------------------------------------------------------------------------------------
 # An independent functional forward over the state_dict tensors (fp64), following the insightface
 # architecture facts: conv patch embed, + pos_embed, pre-LN blocks with ReLU6 MLP, final LN, BN head.
@@ -232,24 +245,35 @@ def test_matches_independent_functional_reference() -> None:
         candidate.load_state_dict(sd, strict=True)
         with torch.no_grad():
             got = candidate(x)
+            candidate.double()  # the same weights in the reference's precision
+            tokens64, got64 = candidate.forward_features(x.double()), candidate(x.double())
         assert got.shape == (3, 512) and got.dtype == torch.float32
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        want_tokens = reference_tokens(sd, x).flatten(1)
+        assert_same_math(tokens64, want_tokens, scale=want_tokens.abs().max().item())
+        # FP32BatchNorm1d computes in at least fp32, so the float64 model is float64 end to end
+        assert_same_math(got64, want, scale=want.abs().max().item())
 
 
 def test_sdpa_and_math_attention_agree_with_gradients() -> None:
     torch.manual_seed(0)
-    math_model = randomize_(build_vit("vit_demo", attn_impl="math")).train()
-    sdpa_model = build_vit("vit_demo", attn_impl="sdpa").train()
+    # float64: F.scaled_dot_product_attention runs the same fused CPU kernel as in float32
+    math_model = randomize_(build_vit("vit_demo", attn_impl="math")).train().double()
+    sdpa_model = build_vit("vit_demo", attn_impl="sdpa").train().double()
     sdpa_model.load_state_dict(math_model.state_dict())
-    x = images(batch=4)
+    x = images(batch=4).double()
     outputs = []
     for model in (math_model, sdpa_model):
-        out = model(x)
+        out = model(x)  # the whole model, float64 end to end (FP32BatchNorm1d computes in at least fp32)
         out.square().mean().backward()
         outputs.append(out.detach())
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    assert_same_math(outputs[0], outputs[1], scale=outputs[0].abs().max().item())
+    # absolute scale: the largest gradient of the model (some, like biases before a train-mode BatchNorm, are 0)
+    grad_scale = max(p.grad.abs().max().item() for p in math_model.parameters() if p.grad is not None)
     for (name, p_math), p_sdpa in zip(math_model.named_parameters(), sdpa_model.parameters()):
-        torch.testing.assert_close(p_math.grad, p_sdpa.grad, rtol=1e-4, atol=1e-6, msg=name)
+        if p_math.grad is None:
+            assert p_sdpa.grad is None, name
+            continue
+        assert_same_math(p_math.grad, p_sdpa.grad, scale=grad_scale, msg=name)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -258,8 +282,8 @@ def test_sdpa_and_math_attention_agree_with_gradients() -> None:
 
 def test_masking_fills_removed_positions_with_mask_token_in_original_order() -> None:
     mask_ratio = 0.25
-    model = randomize_(build_vit("vit_demo", mask_ratio=mask_ratio)).train()
-    x = images(batch=3)
+    model = randomize_(build_vit("vit_demo", mask_ratio=mask_ratio)).train().double()  # the reference's precision
+    x = images(batch=3).double()
     torch.manual_seed(0)
     with torch.no_grad():
         tokens = model.forward_features(x).reshape(3, TOKENS, -1)
@@ -272,7 +296,7 @@ def test_masking_fills_removed_positions_with_mask_token_in_original_order() -> 
     keep = torch.stack([(~row).nonzero().squeeze(1) for row in is_mask])  # (B, K)
     want = reference_tokens(model.state_dict(), x, keep=keep)
     got = torch.stack([tokens[b, keep[b]] for b in range(3)])
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert_same_math(got, want, scale=want.abs().max().item())
 
 
 def test_masking_changes_training_output_but_never_eval() -> None:
@@ -296,19 +320,25 @@ def test_masking_changes_training_output_but_never_eval() -> None:
 
 def test_activation_checkpointing_same_loss_and_gradients() -> None:
     overrides = dict(drop_path_rate=0.3, mask_ratio=0.1)
-    plain = randomize_(build_vit("vit_demo", using_checkpoint=False, **overrides)).train()
-    ckpt = build_vit("vit_demo", using_checkpoint=True, **overrides).train()
+    # float64: the recomputed forward may round differently (another buffer alignment for the GEMMs), and
+    # train-mode BatchNorm over 4 samples amplifies that to ~1e-5 of a float32 gradient
+    plain = randomize_(build_vit("vit_demo", using_checkpoint=False, **overrides)).train().double()
+    ckpt = build_vit("vit_demo", using_checkpoint=True, **overrides).train().double()
     ckpt.load_state_dict(plain.state_dict())
-    x = images(batch=4)
+    x = images(batch=4).double()
     losses = []
     for model in (plain, ckpt):
         torch.manual_seed(123)  # same masks and drop-path draws in both runs
         loss = model(x).square().mean()
         loss.backward()
         losses.append(loss.detach())
-    assert torch.equal(losses[0], losses[1])
+    assert torch.equal(losses[0], losses[1])  # the forward itself is the same code on the same inputs
+    grad_scale = max(p.grad.abs().max().item() for p in plain.parameters() if p.grad is not None)
     for (name, p_plain), p_ckpt in zip(plain.named_parameters(), ckpt.parameters()):
-        torch.testing.assert_close(p_plain.grad, p_ckpt.grad, rtol=1e-6, atol=1e-7, msg=name)
+        if p_plain.grad is None:
+            assert p_ckpt.grad is None, name
+            continue
+        assert_same_math(p_plain.grad, p_ckpt.grad, scale=grad_scale, msg=name)
 
 
 def test_drop_path_is_identity_in_eval_and_active_in_training() -> None:
@@ -387,3 +417,80 @@ def test_no_weight_decay_names() -> None:
         name for name, p in model.named_parameters() if p.ndim >= 2 and name not in ("pos_embed", "mask_token")
     }
     assert "blocks.0.attn.qkv.weight" in decayed and "feature.0.weight" in decayed
+
+
+def test_fp32_batchnorm_is_batchnorm1d_in_fp32() -> None:
+    # Same keys, same arithmetic: bit-identical to nn.BatchNorm1d in training (statistics updated the
+    # same way, cumulative momentum too) and in eval.
+    from lvface.models.vit import FP32BatchNorm1d
+
+    torch.manual_seed(0)
+    for momentum in (0.1, None):
+        ours, ref = FP32BatchNorm1d(7, eps=2e-5, momentum=momentum), torch.nn.BatchNorm1d(7, eps=2e-5, momentum=momentum)
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 2.0)
+            ours.bias.normal_()
+        ref.load_state_dict(ours.state_dict(), strict=True)
+        for _ in range(3):
+            x = torch.randn(5, 7) * 3 + 1
+            assert torch.equal(ours(x), ref(x))
+        for key, value in ref.state_dict().items():
+            assert torch.equal(ours.state_dict()[key], value), key
+        ours.eval(), ref.eval()
+        x = torch.randn(4, 7)
+        assert torch.equal(ours(x), ref(x))
+
+
+def test_fp32_batchnorm_under_bf16_keeps_fp32_statistics() -> None:
+    # Parameters cast to bf16 with fp32 statistics (DeepSpeed 0.19) and everything cast to bf16
+    # (older DeepSpeed, module.bfloat16()): both run, return bf16, keep the statistics in fp32, and
+    # give the fp32 layer's result to bf16 rounding of input, parameters and output.
+    from lvface.models.vit import FP32BatchNorm1d
+
+    torch.manual_seed(1)
+    base = FP32BatchNorm1d(16, eps=2e-5)
+    with torch.no_grad():
+        base.weight.uniform_(0.5, 2.0)
+        base.bias.normal_()
+    x = (torch.randn(32, 16) * 4 + 2).bfloat16()
+    for cast in ("parameters", "module"):
+        layer = FP32BatchNorm1d(16, eps=2e-5)
+        layer.load_state_dict(base.state_dict())
+        reference = FP32BatchNorm1d(16, eps=2e-5)
+        reference.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            reference.weight.copy_(reference.weight.bfloat16().float())
+            reference.bias.copy_(reference.bias.bfloat16().float())
+        if cast == "parameters":
+            for param in layer.parameters():
+                param.data = param.data.bfloat16()
+        else:
+            layer.bfloat16()
+        out = layer(x)
+        assert out.dtype == torch.bfloat16
+        assert layer.running_mean.dtype == layer.running_var.dtype == torch.float32
+        want = reference(x.float())
+        # bf16 output rounding: relative 2^-8 of each element
+        torch.testing.assert_close(out.float(), want, rtol=2**-8, atol=1e-6)
+        torch.testing.assert_close(layer.running_var, reference.running_var, rtol=0, atol=0)
+        layer.eval(), reference.eval()
+        torch.testing.assert_close(layer(x).float(), reference(x.float()), rtol=2**-8, atol=1e-6)
+        out.float().sum().backward()
+        assert layer.weight.grad.dtype == torch.bfloat16
+
+
+def test_norm_impl_apex_without_apex_is_a_clear_error(monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_apex(name, *args, **kwargs):
+        if name == "apex" or name.startswith("apex."):
+            raise ImportError("No module named 'apex'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_apex)
+    with pytest.raises(ValueError, match=r"model\.norm_impl=apex.*model\.norm_impl=torch"):
+        build_vit("vit_demo", norm_impl="apex")
+    with pytest.raises(ValueError, match=r"norm_impl.*model\.norm_impl"):
+        build_vit("vit_demo", norm_impl="fused")

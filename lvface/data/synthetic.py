@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from lvface.data.recordio import write_insightface_rec
 from lvface.files import atomic_open
 from lvface.data.verification_bin import write_bin
+from lvface.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -383,9 +384,10 @@ def write_synthetic_dataset(out_dir: str, *, num_identities: int = 300,
                                nuisances)
         return _encode_jpeg(pixels, jpeg_quality)
 
-    layout = write_insightface_rec(out_dir, (
-        (identity, jpeg_of(identity, image))
-        for identity in range(num_identities) for image in range(images_per_identity)))
+    layout = write_insightface_rec(out_dir, progress(
+        ((identity, jpeg_of(identity, image))
+         for identity in range(num_identities) for image in range(images_per_identity)),
+        desc="synth train.rec", total=num_identities * images_per_identity, unit="img"))
 
     pairs = make_val_pairs(seed, num_identities, val_identities, val_pairs)
     jpegs = [jpeg_of(identity, image) for identity_a, image_a, identity_b, image_b, _ in pairs

@@ -19,6 +19,7 @@ from PIL import Image
 from lvface.checkpoint_files import load_backbone
 from lvface.data.images import normalize_images
 from lvface.files import atomic_open
+from lvface.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def embed_images(model_fn: Callable[[torch.Tensor], torch.Tensor], files: Sequen
                                          num_workers=num_workers, shuffle=False)
     outputs = []
     with torch.no_grad():
-        for images in loader:
+        for images in progress(loader, desc="embed", unit="batch"):
             batch = normalize_images(images)  # (B, 3, S, S) in [-1, 1]
             features = model_fn(batch).float()
             if flip:

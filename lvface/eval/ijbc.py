@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from lvface.data.images import normalize_images
 from lvface.files import atomic_write_json
+from lvface.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +312,7 @@ def embed_faces(model_fn: Callable[[torch.Tensor], torch.Tensor], dataset: torch
     outputs = []
     start = time.perf_counter()
     with torch.no_grad():
-        for batch_index, images in enumerate(loader):
+        for batch_index, images in enumerate(progress(loader, desc="ijb: embed", unit="batch")):
             if rank == 0 and batch_index and batch_index % log_every == 0:
                 done = batch_index * batch_size
                 log.info("embedded %d / %d faces on rank 0 (%.1f faces/s)", done, len(subset),

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from lvface.data.images import normalize_images
+from lvface.progress import progress
 
 FAR_TARGETS = (1e-3, 1e-2, 1e-1)
 
@@ -41,7 +42,7 @@ def embed_flip_sum(model_fn: Callable[[torch.Tensor], torch.Tensor], images_uint
     """
     outputs = []
     with torch.no_grad():
-        for start in range(0, len(images_uint8), batch_size):
+        for start in progress(range(0, len(images_uint8), batch_size), desc="verify: embed", unit="batch"):
             batch = normalize_images(images_uint8[start:start + batch_size])
             plain = model_fn(batch).detach().float().cpu()
             flipped = model_fn(torch.flip(batch, dims=[3])).detach().float().cpu()

@@ -7,7 +7,7 @@ from lvface.heads.prototypes import stage_for_epoch, update_prototypes_
 from lvface.heads.sharded_softmax import (
     IMPLS,
     ShardedMarginHead,
-    chunked_margin_cross_entropy,
+    blockwise_margin_cross_entropy,
     dense_margin_cross_entropy,
     gather_embeddings,
     init_centers,
@@ -20,7 +20,7 @@ __all__ = [
     "Margin",
     "ShardedMarginHead",
     "build_head_optimizer",
-    "chunked_margin_cross_entropy",
+    "blockwise_margin_cross_entropy",
     "dense_margin_cross_entropy",
     "gather_embeddings",
     "init_centers",

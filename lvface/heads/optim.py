@@ -18,11 +18,19 @@ fp16: the engine scales the loss, so W.grad arrives multiplied by the loss scale
 divides by S; when S != 1 the step is skipped (returns False) if the gradient of a stepped row is not
 finite, as the engine skips its own step on overflow. Updates run over blocks of rows, so the
 optimizer's temporaries stay small next to the W-sized moments.
+
+impl="apex" (optimizer.head_impl): where NVIDIA apex is installed, the dense update (every row, one
+step count) runs through apex's fused multi-tensor Adam kernel (apex.optimizers.FusedAdam in AdamW
+mode) over the same weight and the same exp_avg / exp_avg_sq tensors, so checkpoints and resharding
+are unchanged. It needs sparse_rows=False: per-row step counts have no fused equivalent.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+HEAD_OPTIMIZER_IMPLS = ("torch", "apex")  # optimizer.head_impl
 
 
 class HeadAdamW(torch.optim.Optimizer):
@@ -42,6 +50,7 @@ class HeadAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         sparse_rows: bool = True,
         block_rows: int = 8192,
+        impl: str = "torch",
     ):
         if lr < 0.0 or eps < 0.0 or weight_decay < 0.0:
             raise ValueError(f"head optimizer: lr, eps and weight_decay must be >= 0 (got {lr}, {eps}, {weight_decay})")
@@ -56,6 +65,10 @@ class HeadAdamW(torch.optim.Optimizer):
         state["exp_avg"] = torch.zeros_like(weight, memory_format=torch.contiguous_format)
         state["exp_avg_sq"] = torch.zeros_like(weight, memory_format=torch.contiguous_format)
         state["row_steps"] = torch.zeros(weight.shape[0], dtype=torch.int64, device=weight.device)
+        if impl not in HEAD_OPTIMIZER_IMPLS:
+            raise ValueError(f"optimizer.head_impl={impl!r} is not one of {', '.join(HEAD_OPTIMIZER_IMPLS)}")
+        self.impl = impl
+        self._fused = _apex_fused_adam(weight, state, sparse_rows) if impl == "apex" else None
 
     @property
     def exp_avg(self) -> torch.Tensor:
@@ -100,6 +113,9 @@ class HeadAdamW(torch.optim.Optimizer):
                 if not bool(torch.isfinite(checked).all()):
                     return False
             exp_avg, exp_avg_sq, row_steps = self.exp_avg, self.exp_avg_sq, self.row_steps
+            if self._fused is not None:
+                self._fused_step(grad_scale)
+                return True
             if rows is None:
                 for start in range(0, weight.shape[0], self.block_rows):
                     block = slice(start, start + self.block_rows)
@@ -118,7 +134,39 @@ class HeadAdamW(torch.optim.Optimizer):
             head.clear_touched_rows()
 
 
-def build_head_optimizer(head, opt_cfg, *, sparse_rows: bool = True) -> HeadAdamW:
+    def _fused_step(self, grad_scale: float) -> None:
+        """One dense AdamW step through apex's kernel, on this optimizer's own state tensors."""
+        group, fused = self.param_groups[0], self._fused
+        fused_group = fused.param_groups[0]
+        for key in ("lr", "betas", "eps", "weight_decay"):
+            fused_group[key] = group[key]
+        # apex counts steps per group and adds one before the update; every row has the same count here
+        fused_group["step"] = int(self.row_steps[0])
+        if grad_scale != 1.0:
+            self.head.weight.grad.div_(grad_scale)
+        fused.step()
+        self.row_steps.add_(1)
+
+
+def _apex_fused_adam(weight: torch.Tensor, state: dict, sparse_rows: bool):
+    """apex's FusedAdam (AdamW mode) over `weight`, sharing HeadAdamW's exp_avg / exp_avg_sq."""
+    if sparse_rows:
+        raise ValueError("optimizer.head_impl=apex steps every row with one step count: set "
+                         "optimizer.head_sparse_rows=false with it, or optimizer.head_impl=torch")
+    try:
+        from apex.optimizers import FusedAdam
+    except ImportError as exc:
+        raise ValueError(
+            f"optimizer.head_impl=apex needs NVIDIA apex's FusedAdam, which is not importable here ({exc}); install "
+            "apex with its CUDA extensions (NGC PyTorch images carry it) or set optimizer.head_impl=torch") from None
+    fused = FusedAdam([weight], lr=0.0, adam_w_mode=True)
+    # apex creates its moments lazily when a parameter's state is empty: hand it ours instead
+    fused.state[weight]["exp_avg"] = state["exp_avg"]
+    fused.state[weight]["exp_avg_sq"] = state["exp_avg_sq"]
+    return fused
+
+
+def build_head_optimizer(head, opt_cfg, *, sparse_rows: bool = True, impl: str = "torch") -> HeadAdamW:
     """AdamW over head.weight from an OptimizerConfig: head_lr / head_weight_decay, else lr / weight_decay.
 
     sparse_rows: update only the rows sampled since the last step (see the module docstring); False
@@ -129,4 +177,5 @@ def build_head_optimizer(head, opt_cfg, *, sparse_rows: bool = True) -> HeadAdam
     lr = opt_cfg.head_lr if opt_cfg.head_lr is not None else opt_cfg.lr
     decay = opt_cfg.head_weight_decay if opt_cfg.head_weight_decay is not None else opt_cfg.weight_decay
     betas = tuple(opt_cfg.betas)
-    return HeadAdamW(head, lr=lr, betas=betas, eps=opt_cfg.eps, weight_decay=decay, sparse_rows=sparse_rows)
+    return HeadAdamW(head, lr=lr, betas=betas, eps=opt_cfg.eps, weight_decay=decay, sparse_rows=sparse_rows,
+                     impl=impl)

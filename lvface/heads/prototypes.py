@@ -30,31 +30,21 @@ softmax with prototypes) is three entries of the same list.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-PROTOTYPE_UPDATES = ("adaptive", "momentum")
+from lvface.kernels.epl_update import (  # noqa: F401 (re-exported: the update's home is kernels/)
+    MODES as PROTOTYPE_UPDATES,
+    ClassSums,
+    class_feature_sums,
+    prototype_factor,
+    update_prototypes_,
+)
+
 CENTERS = ("learned", "prototypes", "both")
 
 
 # --------------------------------------------------------------------------------------------------
-# Prototype update (pure tensor math)
+# Prototype update: the math lives in lvface/kernels/epl_update.py (torch reference + Triton kernel)
 # --------------------------------------------------------------------------------------------------
-
-
-ClassSums = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (unique ids [U], sums [U, D], counts [U])
-
-
-def class_feature_sums(features: torch.Tensor, classes: torch.Tensor) -> ClassSums:
-    """Per-class sums of feature rows.
-
-    features [n, D]; classes [n] int64 (any ids). Returns (unique ids [U] sorted, sums [U, D], counts [U]).
-    index_add_ sums in row order on the CPU; on CUDA run under torch.use_deterministic_algorithms for
-    bit-identical sums.
-    """
-    unique, inverse = torch.unique(classes, sorted=True, return_inverse=True)
-    sums = features.new_zeros(unique.numel(), features.shape[1]).index_add_(0, inverse, features)  # (U, D)
-    counts = torch.bincount(inverse, minlength=unique.numel())  # (U,)
-    return unique, sums, counts
 
 
 def merge_class_sums(parts: list[ClassSums]) -> ClassSums:
@@ -67,39 +57,6 @@ def merge_class_sums(parts: list[ClassSums]) -> ClassSums:
         0, inverse, torch.cat([p[2] for p in parts])
     )
     return unique, sums, counts
-
-
-def prototype_factor(prototypes: torch.Tensor, class_means: torch.Tensor, mode: str, momentum: float) -> torch.Tensor:
-    """The weight a_j kept of the old prototype, per class: [U] (see the module docstring)."""
-    if mode == "adaptive":
-        similarity = (prototypes * class_means).sum(dim=1)  # (U,) both unit rows (or a zero prototype)
-        return torch.sigmoid(similarity)
-    if mode == "momentum":
-        return torch.full((prototypes.shape[0],), momentum, dtype=prototypes.dtype, device=prototypes.device)
-    raise ValueError(f"loss.prototype_update must be one of {', '.join(PROTOTYPE_UPDATES)}, got {mode!r}")
-
-
-@torch.no_grad()
-def update_prototypes_(
-    prototypes: torch.Tensor,
-    rows: torch.Tensor,
-    sums: torch.Tensor,
-    counts: torch.Tensor,
-    *,
-    mode: str,
-    momentum: float,
-) -> None:
-    """P[rows] <- normalize(a * P[rows] + (1 - a) * normalize(sums / counts)), in place, once per row.
-
-    prototypes [C_local, D]; rows [U] unique local row ids; sums [U, D] sums of normalised features;
-    counts [U].
-    """
-    if rows.numel() == 0:
-        return
-    means = F.normalize(sums / counts.unsqueeze(1).to(sums.dtype), dim=1)  # (U, D)
-    old = prototypes.index_select(0, rows)  # (U, D)
-    keep = prototype_factor(old, means, mode, momentum).unsqueeze(1)  # (U, 1)
-    prototypes.index_copy_(0, rows, F.normalize(keep * old + (1.0 - keep) * means, dim=1))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ Differences from the reference that do not touch the weights: no autocast inside
 caller sets the precision policy), the final norm runs on the blocks' dtype (the reference casts to
 fp32 first; under autocast LayerNorm runs in fp32 anyway), ``drop_rate`` is applied only after the
 position embedding (the reference also drops after the attention projection and in the MLP; every
-preset uses 0), and the masked token count follows the configured ``mask_ratio``.
+preset uses 0), the masked token count follows the configured ``mask_ratio``, and the feature
+head's BatchNorms normalise in fp32 with fp32 running statistics whatever the parameters' dtype
+(`FP32BatchNorm1d`; same keys and the same result in fp32).
 
 The model knows nothing of distribution, devices or precision, and prints nothing.
 """
@@ -43,6 +45,8 @@ __all__ = [
     "Attention",
     "Mlp",
     "DropPath",
+    "FP32BatchNorm1d",
+    "NORM_IMPLS",
     "build_vit",
     "count_parameters",
     "forward_flops_per_image",
@@ -73,6 +77,9 @@ class ViTArgs:
     """Activation checkpointing of every block during training (torch.utils.checkpoint, non-reentrant)."""
     attn_impl: str = "sdpa"
     """'sdpa' (F.scaled_dot_product_attention) or 'math' (explicit softmax, the tests' reference)."""
+    norm_impl: str = "torch"
+    """LayerNorm kernels: 'torch' (nn.LayerNorm) or 'apex' (apex.normalization.FusedLayerNorm, where
+    NVIDIA apex is installed; same parameters and state_dict keys)."""
 
 
 # insightface arcface_torch presets (WebFace42M configs); vit_h is ours; vit_demo runs on a 2-core CPU.
@@ -103,6 +110,71 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
+
+
+class FP32BatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d that normalises in (at least) fp32 and keeps its running statistics in fp32, whatever
+    lower precision its parameters, buffers or input were cast to; the output has the input's dtype. Parameters and keys
+    are nn.BatchNorm1d's, so insightface checkpoints load unchanged, and in fp32 it is nn.BatchNorm1d.
+
+    A numerical choice of this layer, not a precision policy: the two BatchNorms set the scale of
+    the 512-d embedding, and their running statistics are what evaluation and export use. Under bf16
+    (8-bit mantissa) a running variance updated with momentum 0.1 stops moving once the update is
+    below half an ulp (~0.4% of its value), and a batch variance summed over 384 rows in bf16 is off
+    by about as much; mixed-precision engines also disagree on the buffers (DeepSpeed 0.19 casts the
+    parameters and leaves the statistics fp32, which fails with a dtype mismatch; older DeepSpeed
+    casts both, which degrades eval embeddings). Computing here in fp32 gives the same result under
+    either, and costs nothing next to the blocks (two (B, D) tensors)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        for name in ("running_mean", "running_var"):
+            statistic = getattr(self, name)
+            if statistic is not None and statistic.dtype not in (torch.float32, torch.float64):
+                setattr(self, name, statistic.float())  # upcast once, in place of the buffer
+        # At least fp32: a float64 layer (a test's reference model, .double()) stays float64.
+        compute = torch.float64 if x.dtype == torch.float64 and (
+            self.running_mean is None or self.running_mean.dtype == torch.float64) else torch.float32
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or self.running_mean is None
+        update_stats = self.training and self.track_running_stats
+        weight = self.weight.to(compute) if self.weight is not None else None
+        bias = self.bias.to(compute) if self.bias is not None else None
+        out = F.batch_norm(
+            x.to(compute),  # (B, C)
+            self.running_mean if not self.training or update_stats else None,
+            self.running_var if not self.training or update_stats else None,
+            weight, bias, use_batch_stats, momentum, self.eps,
+        )
+        return out.to(x.dtype)  # (B, C)
+
+
+def _apex_layer_norm(dim: int, eps: float) -> nn.Module:
+    try:
+        from apex.normalization import FusedLayerNorm
+    except ImportError as exc:
+        raise ValueError(
+            f"model.norm_impl=apex needs NVIDIA apex's FusedLayerNorm, which is not importable here ({exc}); "
+            "install apex with its CUDA extensions (NGC PyTorch images carry it) or set model.norm_impl=torch"
+        ) from None
+    return FusedLayerNorm(dim, eps=eps)
+
+
+NORM_IMPLS: dict[str, Callable[[int, float], nn.Module]] = {
+    "torch": lambda dim, eps: nn.LayerNorm(dim, eps=eps),
+    "apex": _apex_layer_norm,
+}
+
+
+def build_layer_norm(dim: int, eps: float, norm_impl: str) -> nn.Module:
+    """A LayerNorm over the last dimension from the `norm_impl` registry (NORM_IMPLS)."""
+    if norm_impl not in NORM_IMPLS:
+        raise ValueError(f"ViTArgs.norm_impl={norm_impl!r} is not one of {sorted(NORM_IMPLS)} (model.norm_impl)")
+    return NORM_IMPLS[norm_impl](dim, eps)
 
 
 def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -160,11 +232,12 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block: x + drop_path(attn(norm1(x))), then x + drop_path(mlp(norm2(x)))."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, attn_impl: str) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, attn_impl: str,
+                 norm_impl: str = "torch") -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm1 = build_layer_norm(dim, 1e-5, norm_impl)
         self.attn = Attention(dim, num_heads, attn_impl)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm2 = build_layer_norm(dim, 1e-5, norm_impl)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -208,14 +281,15 @@ class VisionTransformer(nn.Module):
         # device="cpu": a plain list of rates, also when the model is built under torch.device("meta")
         drop_path_rates = torch.linspace(0, args.drop_path_rate, args.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
-            Block(dim, args.num_heads, args.mlp_ratio, rate, args.attn_impl) for rate in drop_path_rates
+            Block(dim, args.num_heads, args.mlp_ratio, rate, args.attn_impl, args.norm_impl)
+            for rate in drop_path_rates
         )
-        self.norm = nn.LayerNorm(dim, eps=1e-5)
+        self.norm = build_layer_norm(dim, 1e-5, args.norm_impl)
         self.feature = nn.Sequential(
             nn.Linear(tokens * dim, dim, bias=False),
-            nn.BatchNorm1d(dim, eps=2e-5),
+            FP32BatchNorm1d(dim, eps=2e-5),
             nn.Linear(dim, num_features, bias=False),
-            nn.BatchNorm1d(num_features, eps=2e-5),
+            FP32BatchNorm1d(num_features, eps=2e-5),
         )
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.mask_ratio = args.mask_ratio
@@ -233,7 +307,7 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, nn.LayerNorm) or module.__class__.__name__ == "FusedLayerNorm":
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 

@@ -1,0 +1,314 @@
+"""The "triton" backend of the margin cross entropy (interface: kernels/margin_ce.py).
+
+Imported only when asked for (margin_ce.build_backend), so lvface imports without triton. Runs on CUDA
+tensors, or on CPU tensors under TRITON_INTERPRET=1 (the tests).
+
+Three kernels, no atomics, nothing of size [N, C] in memory:
+  _forward_kernel   grid (row blocks, class splits): a [BLOCK_N, D] tile of x_hat stays in registers
+                    while the program walks its class range in [BLOCK_C, D] tiles of the raw centers:
+                    dot = x @ w^T (fp32 accumulation), the tile's row norms from the same loaded tile
+                    (no normalised copy of W), z = s * dot / |w|, the target column replaced by the
+                    row's target logit, online (max, sum-exp). Writes [splits, N] pairs; the splits
+                    (more programs than row blocks at small N) are merged on the host side in torch.
+  _grad_x_kernel    grid (row blocks): recomputes z, G = coef * (p - onehot * ...) and accumulates
+                    dx = (G / |w|) @ w over the classes in a [BLOCK_N, D] fp32 register tile.
+  _grad_w_kernel    grid (class blocks): recomputes the same tiles and accumulates g = G^T @ x over
+                    the rows in a [BLOCK_C, D] fp32 tile, then dw = (g - w_hat (w_hat . g)) / |w|
+                    and stores the used rows (sampled rows go back to their place in W).
+So backward does the logit product twice (once per pass): 5 products of 2 N D C FLOPs per step
+against 3 for a single pass that adds one of the two gradients with atomics. At D = 512 that
+alternative issues N * D * C / BLOCK fp32 atomics (~3e9 at the WebFace42M shape), which would bound it
+on L2 atomic throughput rather than on the tensor cores; it is the variant to measure on a GPU first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lvface.kernels.margin_ce import NORM_EPS, num_used
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _logits_tile(
+    x, w, offs_c, mask_c, tgt, tlogit, scale,
+    EPS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """z [BLOCK_N, BLOCK_C] fp32 of one tile, masked columns at -inf; and the tile's 1 / |w| [BLOCK_C]."""
+    wf = w.to(tl.float32)
+    norm = tl.sqrt(tl.sum(wf * wf, axis=1))
+    inv_norm = 1.0 / tl.maximum(norm, EPS)
+    if UPCAST:  # the interpreter's tl.dot mis-reads bf16 (triton 3.9): exact fp32 products of the values
+        dot = tl.dot(x.to(tl.float32), tl.trans(wf), input_precision=INPUT_PRECISION)
+    else:
+        dot = tl.dot(x, tl.trans(w), input_precision=INPUT_PRECISION)
+    z = dot * (inv_norm * scale)[None, :]
+    is_target = offs_c[None, :] == tgt[:, None]
+    z = tl.where(is_target, tlogit[:, None], z)
+    z = tl.where(mask_c[None, :], z, -float("inf"))
+    return z, is_target, inv_norm, norm
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, w_ptr, rows_ptr, tgt_ptr, tlogit_ptr, max_ptr, sum_ptr,
+    N, C, D, stride_x, stride_w, classes_per_split, scale,
+    HAS_ROWS: tl.constexpr, EPS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_d = offs_d < D
+    x = tl.load(x_ptr + offs_n[:, None] * stride_x + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=-1)
+    tlogit = tl.load(tlogit_ptr + offs_n, mask=mask_n, other=0.0)
+    run_max = tl.full([BLOCK_N], -float("inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK_N], tl.float32)
+    c_begin = pid_s * classes_per_split
+    c_end = tl.minimum(c_begin + classes_per_split, C)
+    for c0 in range(c_begin, c_end, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < c_end
+        if HAS_ROWS:
+            w_rows = tl.load(rows_ptr + offs_c, mask=mask_c, other=0)
+        else:
+            w_rows = offs_c
+        w = tl.load(w_ptr + w_rows[:, None] * stride_w + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+        z, _, _, _ = _logits_tile(x, w, offs_c, mask_c, tgt, tlogit, scale, EPS, INPUT_PRECISION, UPCAST)
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        run_max = new_max
+    tl.store(max_ptr + pid_s * N + offs_n, run_max, mask=mask_n)
+    tl.store(sum_ptr + pid_s * N + offs_n, run_sum, mask=mask_n)
+
+
+@triton.jit
+def _grad_tile(z, is_target, mask_c, lse, tslope, coef):
+    """dL/dcos of a tile (fp32): coef * p, the target entry coef * (p - 1) * psi'."""
+    p = tl.exp(z - lse[:, None])
+    p = tl.where(mask_c[None, :], p, 0.0)
+    g = tl.where(is_target, (p - 1.0) * tslope[:, None], p)
+    return g * coef
+
+
+@triton.jit
+def _grad_x_kernel(
+    x_ptr, w_ptr, rows_ptr, tgt_ptr, tlogit_ptr, tslope_ptr, lse_ptr, coef_ptr, dx_ptr,
+    N, C, D, stride_x, stride_w, stride_dx, scale,
+    HAS_ROWS: tl.constexpr, EPS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_d = offs_d < D
+    x = tl.load(x_ptr + offs_n[:, None] * stride_x + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=-1)
+    tlogit = tl.load(tlogit_ptr + offs_n, mask=mask_n, other=0.0)
+    tslope = tl.load(tslope_ptr + offs_n, mask=mask_n, other=0.0)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    coef = tl.load(coef_ptr)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        if HAS_ROWS:
+            w_rows = tl.load(rows_ptr + offs_c, mask=mask_c, other=0)
+        else:
+            w_rows = offs_c
+        w = tl.load(w_ptr + w_rows[:, None] * stride_w + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+        z, is_target, inv_norm, _ = _logits_tile(x, w, offs_c, mask_c, tgt, tlogit, scale, EPS, INPUT_PRECISION, UPCAST)
+        g = _grad_tile(z, is_target, mask_c, lse, tslope, coef) * inv_norm[None, :]  # dL/d(x . w) per tile
+        if UPCAST:
+            acc += tl.dot(g, w.to(tl.float32), input_precision=INPUT_PRECISION)
+        else:
+            acc += tl.dot(g.to(w.dtype), w, input_precision=INPUT_PRECISION)
+    tl.store(dx_ptr + offs_n[:, None] * stride_dx + offs_d[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=mask_n[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _grad_w_kernel(
+    x_ptr, w_ptr, rows_ptr, tgt_ptr, tlogit_ptr, tslope_ptr, lse_ptr, coef_ptr, dw_ptr,
+    N, C, D, stride_x, stride_w, stride_dw, scale,
+    HAS_ROWS: tl.constexpr, EPS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_c = offs_c < C
+    mask_d = offs_d < D
+    if HAS_ROWS:
+        w_rows = tl.load(rows_ptr + offs_c, mask=mask_c, other=0)
+    else:
+        w_rows = offs_c
+    w = tl.load(w_ptr + w_rows[:, None] * stride_w + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+    coef = tl.load(coef_ptr)
+    acc = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
+    inv_norm = tl.zeros([BLOCK_C], tl.float32)
+    norm = tl.zeros([BLOCK_C], tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        x = tl.load(x_ptr + offs_n[:, None] * stride_x + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=-1)
+        tlogit = tl.load(tlogit_ptr + offs_n, mask=mask_n, other=0.0)
+        tslope = tl.load(tslope_ptr + offs_n, mask=mask_n, other=0.0)
+        lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+        z, is_target, inv_norm, norm = _logits_tile(x, w, offs_c, mask_c, tgt, tlogit, scale, EPS, INPUT_PRECISION, UPCAST)
+        g = _grad_tile(z, is_target, mask_c, lse, tslope, coef)
+        g = tl.where(mask_n[:, None], g, 0.0)
+        if UPCAST:
+            acc += tl.dot(tl.trans(g), x.to(tl.float32), input_precision=INPUT_PRECISION)  # dL/dw_hat (BLOCK_C, D)
+        else:
+            acc += tl.dot(tl.trans(g).to(x.dtype), x, input_precision=INPUT_PRECISION)
+    w_hat = w.to(tl.float32) * inv_norm[:, None]
+    radial = tl.sum(w_hat * acc, axis=1)
+    radial = tl.where(norm > EPS, radial, 0.0)
+    grad = (acc - w_hat * radial[:, None]) * inv_norm[:, None]
+    tl.store(dw_ptr + w_rows[:, None] * stride_dw + offs_d[None, :], grad.to(dw_ptr.dtype.element_ty),
+             mask=mask_c[:, None] & mask_d[None, :])
+
+
+def _block_d(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
+
+
+class TritonMarginCE:
+    """The "triton" backend (see the module docstring). Block sizes follow a shared-memory rule
+    (`_blocks`), not autotuning yet: the first GPU run should sweep BLOCK_N, BLOCK_C, num_warps and
+    num_stages. All kernels compile for sm_90 with triton 3.9 (checked ahead of time on a machine
+    without a GPU, `triton.compile(..., target=GPUTarget("cuda", 90, 32))`); none has run on a GPU yet."""
+
+    name = "triton"
+    workspace_bytes = 0
+
+    def __init__(self, block_n: int | None = None, block_c: int | None = None, max_splits: int | None = None):
+        self.block_n, self.block_c, self.max_splits = block_n, block_c, max_splits
+
+    @staticmethod
+    def _check(x_hat, centers):
+        if x_hat.dtype not in _DTYPES or centers.dtype != x_hat.dtype:
+            raise ValueError(
+                f"the triton margin CE takes fp32, bf16 or fp16 embeddings and centers of the same dtype, got "
+                f"{x_hat.dtype} and {centers.dtype}; use loss.impl=chunked for other dtypes"
+            )
+        if x_hat.stride(1) != 1 or centers.stride(1) != 1:
+            raise ValueError("the triton margin CE needs row-major embeddings and centers (last stride 1)")
+
+    @staticmethod
+    def _precision(x_hat) -> str:
+        """tl.dot's input precision: TF32 for fp32 operands on a GPU (bf16 / fp16 go to the tensor cores
+        as they are; the setting only concerns fp32), exact fp32 under the interpreter."""
+        return "tf32" if x_hat.is_cuda else "ieee"
+
+    def _blocks(self, n: int, dim: int, element_size: int) -> tuple[int, int, int]:
+        """(BLOCK_N, BLOCK_C, BLOCK_D). By default a [BLOCK, D] operand tile holds at most 64 KiB: compiled
+        for sm_90 (triton 3.9, default 3 stages) the backward kernels then take 197 KB of shared memory
+        with fp32 operands at D = 512 (32-row tiles) and 131 KB with bf16 (64-row tiles), under the
+        H100 / H200 limit of 227 KB; 64 x 64 fp32 tiles would need 393 KB and fail to launch."""
+        block_d = _block_d(dim)
+        default = max(16, min(64, (64 << 10) // (block_d * element_size)))
+        block_n = min(self.block_n or default, max(16, triton.next_power_of_2(n)))
+        return block_n, self.block_c or default, block_d
+
+    def forward(self, x_hat, centers, targets, rows, target_logit, scale: float, *, out_max=None, out_sum=None):
+        self._check(x_hat, centers)
+        n, dim = x_hat.shape
+        used = num_used(centers, rows)
+        block_n, block_c, block_d = self._blocks(n, dim, x_hat.element_size())
+        row_blocks = triton.cdiv(n, block_n)
+        class_blocks = triton.cdiv(used, block_c)
+        # enough programs to fill the GPU at small N: split the classes, merge the splits below
+        wanted = self.max_splits or max(1, 4 * _sm_count(x_hat.device) // row_blocks)
+        splits = max(1, min(wanted, class_blocks))
+        per_split = triton.cdiv(class_blocks, splits) * block_c
+        splits = max(1, triton.cdiv(used, per_split))
+        if splits == 1 and out_max is not None:  # the kernel writes the caller's buffers directly
+            part_max, part_sum = out_max.view(1, n), out_sum.view(1, n)
+        else:
+            part_max = torch.empty(splits, n, dtype=torch.float32, device=x_hat.device)
+            part_sum = torch.empty(splits, n, dtype=torch.float32, device=x_hat.device)
+        if used == 0:
+            part_max.fill_(-math.inf)
+            part_sum.zero_()
+        else:
+            _forward_kernel[(row_blocks, splits)](
+                x_hat, centers, rows if rows is not None else targets, targets, target_logit.float().contiguous(),
+                part_max, part_sum, n, used, dim, x_hat.stride(0), centers.stride(0), per_split, float(scale),
+                HAS_ROWS=rows is not None, EPS=NORM_EPS, INPUT_PRECISION=self._precision(x_hat), UPCAST=_upcast(x_hat),
+                BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=_warps(block_d),
+            )
+        if splits == 1:
+            row_max, row_sum = part_max[0], part_sum[0]
+        else:
+            row_max = part_max.amax(dim=0)
+            row_sum = (part_sum * torch.exp(part_max - row_max)).sum(dim=0)
+        if out_max is not None and row_max.data_ptr() != out_max.data_ptr():
+            row_max, row_sum = out_max.copy_(row_max), out_sum.copy_(row_sum)
+        return row_max, row_sum
+
+    def backward(
+        self, x_hat, centers, targets, rows, target_logit, target_slope, lse, coef, scale: float,
+        *, need_x: bool = True, need_centers: bool = True, grad_x=None, grad_centers=None,
+    ):
+        self._check(x_hat, centers)
+        n, dim = x_hat.shape
+        used = num_used(centers, rows)
+        block_n, block_c, block_d = self._blocks(n, dim, x_hat.element_size())
+        args = (
+            x_hat, centers, rows if rows is not None else targets, targets, target_logit.float().contiguous(),
+            target_slope.float().contiguous(), lse.float().contiguous(), coef.float().reshape(1),
+        )
+        meta = dict(
+            HAS_ROWS=rows is not None, EPS=NORM_EPS, INPUT_PRECISION=self._precision(x_hat), UPCAST=_upcast(x_hat),
+            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=_warps(block_d),
+        )
+        if need_x:
+            grad_x = torch.empty_like(x_hat) if grad_x is None else grad_x
+            if used == 0:
+                grad_x.zero_()
+            else:
+                _grad_x_kernel[(triton.cdiv(n, block_n),)](
+                    *args, grad_x, n, used, dim, x_hat.stride(0), centers.stride(0), grad_x.stride(0), float(scale),
+                    **meta,
+                )
+        if need_centers:
+            if grad_centers is None:
+                grad_centers = torch.empty_like(centers) if rows is None else torch.zeros_like(centers)
+            elif rows is not None:
+                grad_centers.zero_()
+            if used:
+                _grad_w_kernel[(triton.cdiv(used, block_c),)](
+                    *args, grad_centers, n, used, dim, x_hat.stride(0), centers.stride(0), grad_centers.stride(0),
+                    float(scale), **meta,
+                )
+        return grad_x if need_x else None, grad_centers if need_centers else None
+
+
+def _warps(block_d: int) -> int:
+    """Warps per program: the [BLOCK, D] fp32 accumulator of the backward passes needs the registers of
+    8 warps at D = 512 (a first guess; the GPU sweep decides)."""
+    return 8 if block_d >= 256 else 4
+
+
+def _upcast(x_hat) -> bool:
+    """bf16 operands are upcast before tl.dot under the interpreter only (its bf16 dot is wrong)."""
+    return x_hat.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1

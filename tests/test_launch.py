@@ -1,0 +1,167 @@
+"""Multi-node paths on one machine: two torchrun "nodes" on localhost, the launch/ scripts' dry runs
+(SLURM with a fake 8-node allocation, a DeepSpeed hostfile, mpirun), and the Kubernetes manifests."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_utils import REPO, free_port, run_env, tiny_data, tiny_overrides  # noqa: E402
+
+TRAIN_ARGS = ["--config", "configs/lvface_vit_l_wf42m.yaml", "data.rec=/scratch/wf42m/train.rec"]
+
+
+def _dry_run(script: str, *args: str, **env: str) -> list[str]:
+    environment = run_env(LVFACE_DRY_RUN="1", **env)
+    environment["PATH"] = os.pathsep.join(p for p in environment["PATH"].split(os.pathsep)
+                                          if not (Path(p) / "scontrol").exists())  # no SLURM tools here
+    proc = subprocess.run(["bash", str(REPO / "launch" / script), *args], cwd=REPO, env=environment,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def _node_lines(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith("[")]
+
+
+def test_slurm_dry_run_with_a_fake_8_node_allocation():
+    lines = _dry_run("slurm_64gpu.sh", *TRAIN_ARGS[2:], SLURM_JOB_NODELIST="gpu[01-04,10-13]", SLURM_NTASKS_PER_NODE="8",
+                     CONFIG="configs/lvface_vit_t_wf42m.yaml")
+    nodes = _node_lines(lines)
+    assert [line.split("]")[0][1:] for line in nodes] == ["gpu01", "gpu02", "gpu03", "gpu04",
+                                                          "gpu10", "gpu11", "gpu12", "gpu13"]
+    for index, line in enumerate(nodes):
+        assert f"SLURM_NODEID={index} SLURM_PROCID={8 * index}..{8 * index + 7} " in line
+        assert "SLURM_NTASKS=64 MASTER_ADDR=gpu01 MASTER_PORT=29500" in line
+        assert line.endswith("python -u lvface/train.py --ds_config configs/zero2.json "
+                             "--config configs/lvface_vit_t_wf42m.yaml data.rec=/scratch/wf42m/train.rec")
+    assert "8 nodes x 8 tasks = 64 ranks" in lines[0]
+
+
+def test_slurm_script_outside_an_allocation_says_what_to_do():
+    environment = run_env()
+    environment.pop("SLURM_JOB_NODELIST", None)
+    proc = subprocess.run(["bash", "launch/slurm_64gpu.sh"], cwd=REPO, env=environment, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0 and "submit with sbatch" in proc.stderr
+
+
+def test_deepspeed_hostfile_dry_run_prints_each_nodes_launch(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two nodes\nnodeA slots=8\nnodeB slots=4\n")
+    lines = _dry_run("deepspeed_hostfile.sh", str(hostfile), *TRAIN_ARGS)
+    nodes = _node_lines(lines)
+    assert len(nodes) == 2 and nodes[0].startswith("[nodeA] ranks 0..7:") and nodes[1].startswith("[nodeB] ranks 8..11:")
+    for node_rank, line in enumerate(nodes):
+        world_info = line.split("--world_info=")[1].split()[0]
+        assert json.loads(base64.urlsafe_b64decode(world_info)) == {"nodeA": list(range(8)), "nodeB": list(range(4))}
+        assert f"--node_rank={node_rank} --master_addr=nodeA --master_port=29500 lvface/train.py" in line
+        assert line.endswith(" ".join(["--ds_config", "configs/zero2.json", *TRAIN_ARGS]))
+    full = _dry_run("deepspeed_hostfile.sh", str(REPO / "launch" / "hostfile.example"), *TRAIN_ARGS)
+    assert len(_node_lines(full)) == 8 and "64 ranks" in full[1]
+
+
+def test_mpirun_dry_run_maps_ranks_by_slot():
+    lines = _dry_run("mpirun.sh", "-np", "20", "--hostfile", "launch/hostfile.example", "--", *TRAIN_ARGS,
+                     NCCL_IB_HCA="mlx5")
+    assert lines[0].startswith("# mpirun ") and "-x NCCL_IB_HCA" in lines[0] and "-np 20" in lines[0]
+    nodes = _node_lines(lines)
+    assert [line.split(":")[0] for line in nodes] == [
+        "[node01] ranks 0..7 (OMPI_COMM_WORLD_LOCAL_RANK 0..7)", "[node02] ranks 8..15 (OMPI_COMM_WORLD_LOCAL_RANK 0..7)",
+        "[node03] ranks 16..19 (OMPI_COMM_WORLD_LOCAL_RANK 0..3)"]
+    assert all(line.endswith(" ".join(TRAIN_ARGS)) for line in nodes)
+
+
+def _load(name: str) -> dict:
+    return yaml.safe_load((REPO / "launch" / "k8s" / name).read_text())
+
+
+def _check_rdma_pod(spec: dict, container_name: str) -> dict:
+    container = next(c for c in spec["containers"] if c["name"] == container_name)
+    limits = container["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == 8
+    assert any(key.startswith("rdma/") or key.endswith("mlnxnics") for key in limits), limits
+    assert "IPC_LOCK" in container["securityContext"]["capabilities"]["add"]
+    shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert [p["containerPort"] for p in container["ports"]] == list(range(9400, 9408))
+    return container
+
+
+def test_pytorchjob_requests_gpus_rdma_and_nccl_settings():
+    job = _load("pytorchjob.yaml")
+    assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob") and job["metadata"]["name"]
+    worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
+    assert worker["replicas"] == 8 and job["spec"]["nprocPerNode"] == "8"
+    pod = worker["template"]
+    assert pod["metadata"]["labels"]["app"] == "lvface"
+    container = _check_rdma_pod(pod["spec"], "pytorch")  # the operator requires this container name
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert {"NCCL_IB_HCA", "NCCL_SOCKET_IFNAME"} <= set(env)
+    assert container["command"][:2] == ["torchrun", "--nproc_per_node=8"]
+
+
+def test_mpijob_has_a_launcher_and_rdma_workers():
+    job = _load("mpijob.yaml")
+    assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v2beta1", "MPIJob") and job["metadata"]["name"]
+    spec = job["spec"]
+    assert spec["slotsPerWorker"] == 8 and spec["mpiImplementation"] == "OpenMPI"
+    replicas = spec["mpiReplicaSpecs"]
+    assert replicas["Launcher"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 8
+    launcher = replicas["Launcher"]["template"]["spec"]["containers"][0]
+    command = launcher["command"]
+    assert command[0] == "mpirun" and command[command.index("-np") + 1] == str(8 * spec["slotsPerWorker"])
+    assert "lvface/train.py" in command and "NCCL_IB_HCA" in command
+    worker = replicas["Worker"]["template"]
+    assert worker["metadata"]["labels"]["app"] == "lvface"
+    _check_rdma_pod(worker["spec"], "worker")
+
+
+def test_podmonitor_scrapes_every_local_rank():
+    monitor = _load("podmonitor.yaml")
+    assert monitor["kind"] == "PodMonitor" and monitor["spec"]["selector"]["matchLabels"] == {"app": "lvface"}
+    ports = [endpoint["port"] for endpoint in monitor["spec"]["podMetricsEndpoints"]]
+    container = _load("pytorchjob.yaml")["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert ports == [p["name"] for p in container["ports"]]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    import pyarrow.parquet as pq
+
+    return [loss for loss in pq.read_table(run_dir / "metrics.parquet").to_pydict()["loss"] if loss is not None]
+
+
+def test_two_torchrun_nodes_on_localhost_train_like_one_two_rank_launch(tmp_path):
+    """Two torchrun launches (--nnodes 2, c10d rendezvous on 127.0.0.1) give the same 3 losses as one
+    2-rank launch: a second node changes how the ranks meet, not what they compute."""
+    data = tiny_data()
+    common = ["-m", "lvface.train", "--config", "configs/demo.yaml", *tiny_overrides(data, **{"train.max_steps": "3"})]
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([*torchrun, "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+                               "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "lvface-test",
+                               "--rdzv_conf", f"is_host={node == 0}", *common,
+                               f"train.output_dir={tmp_path / 'two_nodes'}"],
+                              cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node in (0, 1)]
+    one = subprocess.run([*torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), *common,
+                          f"train.output_dir={tmp_path / 'one_node'}"], cwd=REPO, env=run_env(), capture_output=True,
+                         text=True, timeout=600)
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-4000:]
+    assert one.returncode == 0, (one.stdout + one.stderr)[-4000:]
+    assert "optimizer steps per epoch of 32 images" in "".join(outputs)  # 2 ranks x 16 images
+    two, single = _losses(tmp_path / "two_nodes"), _losses(tmp_path / "one_node")
+    assert len(single) == 3
+    # Same ranks, same data, same gloo reductions of 2 addends (exact in any order): equal to the bit.
+    assert two == single
