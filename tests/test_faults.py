@@ -460,11 +460,11 @@ def test_corrupt_jpegs_dali_counts_like_torch(data, straight):
 
 def test_prometheus_port_in_use_names_the_port_and_the_key():
     from lvface.config import ConfigError
-    from lvface.metrics import PrometheusMetrics
+    from lvface.metrics import TrainMetrics
 
     with socket.socket() as busy:
         busy.bind(("0.0.0.0", 0))
         busy.listen()
         port = busy.getsockname()[1]
         with pytest.raises(ConfigError, match=f"port {port} \\(metrics.prometheus_port={port}"):
-            PrometheusMetrics(port, rank=0, local_rank=0)
+            TrainMetrics(port, rank=0, local_rank=0)
