@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import io
+import os
 import pickle
 import queue
 import socket
@@ -55,6 +56,11 @@ def _loads(data: bytes):
 
 def _worker(rank: int, world_size: int, port: int, tasks, results, collective_timeout: float) -> None:
     torch.set_num_threads(1)
+    if not torch.cuda.is_available():
+        # Triton kernels can only run interpreted on a CPU, and triton reads TRITON_INTERPRET when a
+        # @triton.jit function is defined: set it before any task imports triton (DeepSpeed does, when
+        # installed), so every test sharing these processes sees one mode.
+        os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
