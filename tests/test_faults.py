@@ -326,7 +326,7 @@ def test_second_run_on_a_busy_folder_and_a_stopped_rank(data, tmp_path):
     (SIGSTOP) and the other exits within train.collective_timeout_s with an error naming it."""
     log = tmp_path / "log.txt"
     proc = _deepspeed(data, tmp_path / "run", log, "train.collective_timeout_s=10", "train.max_steps=400")
-    _wait_for(log, f"step 1/", proc)
+    _wait_for(log, "step 1/", proc)
     second = _single(data, tmp_path / "run", "checkpoint.resume=auto", timeout=200)
     assert proc.poll() is None, "the first run ended before the second one tried its folder"
     assert second.returncode == 2, second.stderr[-3000:]
