@@ -98,6 +98,12 @@ def build_ds_config(ds_path: str | Path | dict, cfg: Config, world_size: int, de
         _fill(params, "weight_decay", float(cfg.optimizer.weight_decay), "optimizer.params")
         _fill(params, "betas", [float(b) for b in cfg.optimizer.betas], "optimizer.params")
         _fill(params, "eps", float(cfg.optimizer.eps), "optimizer.params")
+        if torch.device(device).type == "cpu":
+            # DeepSpeed's CPU Adam op keeps beta^t by repeated multiplication inside the process but takes
+            # pow(beta, t) in a resumed one; in fp32 they differ (0.999^3 by one ulp), so a resume would
+            # not continue bit for bit. torch's AdamW derives the bias correction from the saved step
+            # count alone (and needs no JIT-compiled op). CUDA's FusedAdam takes pow every step: kept.
+            params.setdefault("torch_adam", True)
         if "scheduler" in ds:
             raise ConfigError("DeepSpeed config has a 'scheduler' block; lvface's schedule section drives the "
                               "learning rate of both the backbone and the head: remove the block")
