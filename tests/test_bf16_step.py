@@ -59,8 +59,8 @@ def _bf16_step(rank, world_size, group, ds_file, out_dir):
     folder = ckpt.save_checkpoint(
         Path(out_dir), "step00000001", engine=engine, head=head, head_optimizer=head_optimizer,
         config_yaml=cfg.to_yaml(), train_state={"step": 1, "samples_seen": BATCH, "epoch": 0, "position": BATCH,
-                                                "world_size": world_size, "stage": "early"},
-        zero_stage=ds_config["zero_optimization"]["stage"], rank=rank, group=group, keep_last=2)
+                                                "world_size": world_size, "stage": "early", "run_id": "bf16-test"},
+        zero_stage=ds_config["zero_optimization"]["stage"], rank=rank, world_size=world_size, group=group)
     masters = {name: safe_get_full_fp32_param(p).clone() for name, p in engine.module.named_parameters()}
     working = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
     return {"loss": loss.item(), "embedding_dtype": embeddings.dtype, "eval": eval_embeddings.float(),
