@@ -100,7 +100,7 @@ def launcher_ancestors(pid: int | None = None) -> list[int]:
     return chain
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -130,7 +130,7 @@ def watch_launcher(interval_s: float = 1.0) -> threading.Thread | None:
 
     def watch() -> None:
         while not stop.wait(interval_s):
-            gone = [pid for pid in watched if not _alive(pid)]
+            gone = [pid for pid in watched if not process_alive(pid)]
             if gone or os.getppid() != parent:
                 log.warning("the launcher process %s exited: stopping this rank as if preempted (SIGTERM)",
                             gone[0] if gone else parent)

@@ -18,6 +18,8 @@ import socket
 import time
 from pathlib import Path
 
+from lvface.preemption import process_alive
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lvface.lock"
@@ -33,16 +35,6 @@ def _job_id() -> str | None:
         if os.environ.get(name):
             return f"{name}={os.environ[name]}"
     return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _describe(holder: dict) -> str:
@@ -85,7 +77,7 @@ class OutputLock:
         elif holder.get("job") and holder.get("job") == _job_id():
             log.warning("%s was left by an earlier attempt of this job (%s): taking it over", self.path,
                         _describe(holder))
-        elif holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", 0))):
+        elif holder.get("host") == socket.gethostname() and not process_alive(int(holder.get("pid", 0))):
             log.warning("stale lock %s: its run (%s) is no longer alive; taking it over", self.path, _describe(holder))
         elif holder.get("host") == socket.gethostname():
             raise OutputFolderLocked(

@@ -26,19 +26,12 @@ import pytest
 import torch
 
 from dist_utils import run_on_ranks
+from run_utils import run_env as _env
 from lvface.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_STEPS = 12
 CORRUPT = (3, 50, 170)  # image indices whose entropy-coded data is wiped (markers intact)
-
-
-def _env(**extra) -> dict:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
 
 
 def _common(data: Path, *extra: str) -> list[str]:
