@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install lvface with its test dependencies and run the whole suite (CPU only; about 7 minutes on 2 cores).
+# Install lvface with its test dependencies and run the whole suite (CPU only; 10-13 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
