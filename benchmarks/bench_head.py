@@ -43,7 +43,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import tempfile
 import time
 from datetime import timedelta
@@ -53,6 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lvface.distributed import free_port
 from lvface.config import LossConfig, StageConfig
 from lvface.heads import IMPLS, ShardedMarginHead
 
@@ -82,12 +82,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.batch % args.ranks:
         parser.error(f"--batch {args.batch} must be divisible by --ranks {args.ranks}")
     return args
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _status_mb(field: str) -> float:
@@ -149,7 +143,7 @@ def _rank_main(rank: int, args: argparse.Namespace, impl: str, port: int, out_di
 
 def run_impl(args: argparse.Namespace, impl: str) -> dict:
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_rank_main, args=(args, impl, _free_port(), out_dir), nprocs=args.ranks, join=True)
+        mp.spawn(_rank_main, args=(args, impl, free_port(), out_dir), nprocs=args.ranks, join=True)
         ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(args.ranks)]
     biggest = max(r["w_mb"] for r in ranks)  # rank 0 holds the largest shard
     base = max(r["base_rss_mb"] for r in ranks)

@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -72,12 +71,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                         help="classes per rank (the head's shard); writes a data set of classes x ranks classes")
     parser.add_argument("--json", default=None, help="write the record to this JSON file")
     return parser.parse_known_args(argv)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _grad_reduce_probe(numel: int, device: torch.device, group, world_size: int, repeats: int = 3) -> float:
@@ -174,13 +167,13 @@ def _ensure_data(overrides: list[str], tmp: Path, classes: int | None) -> list[s
 
 def bench(args: argparse.Namespace, overrides: list[str]) -> dict:
     from lvface.config import load_config
-    from lvface.distributed import describe_device
+    from lvface.distributed import describe_device, free_port
 
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
         overrides = _ensure_data(overrides, Path(tmp), args.classes and args.classes * args.ranks)
         cfg = load_config(args.config, overrides)
         context = mp.get_context("spawn")
-        port, metrics_port = _free_port(), _free_port()
+        port, metrics_port = free_port(), free_port()
         processes = [context.Process(target=_rank_main, args=(rank, args, overrides, port, metrics_port, tmp))
                      for rank in range(args.ranks)]
         for process in processes:

@@ -45,7 +45,7 @@ from lvface.checkpoint_head import load_head_shards, save_head_shard
 from lvface.checkpoint_manifest import (MANIFEST, CheckpointCorrupt, check_files, checkpoint_files, describe_files,
                                         manifest_digest, manifest_text, read_manifest)
 from lvface.config import ConfigError
-from lvface.files import atomic_torch_save, atomic_write_text
+from lvface.files import atomic_torch_save, atomic_write_json, atomic_write_text
 from lvface.progress import run_with_progress
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def save_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, confi
         if rank == 0:
             atomic_torch_save(backbone, staging / BACKBONE_FILE)
             atomic_write_text(staging / CONFIG_FILE, config_yaml)
-            atomic_write_text(staging / TRAIN_STATE_FILE, json.dumps(train_state, indent=1))
+            atomic_write_json(staging / TRAIN_STATE_FILE, train_state)
     except (OSError, RuntimeError) as exc:
         error = f"rank {rank}: {_describe_error(exc, staging)}"
     errors = _agree(error, group, world_size)

@@ -34,6 +34,7 @@ from lvface.distributed import DistInfo, init_distributed, setup_logging
 from lvface.engine import (NonFiniteSteps, NonFiniteTraining, build_ds_config, build_engine, build_lr_lambda,
                            param_groups, set_schedule_position, train_step, zero_stage)
 from lvface.eval.callback import VerificationCallback
+from lvface.files import atomic_write_json
 from lvface.heads import ShardedMarginHead, build_head_optimizer, stage_for_epoch
 from lvface.metrics import ParquetLog, Throughput, TrainMetrics, format_duration
 from lvface.models import build_vit
@@ -301,7 +302,7 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
                "last_accuracy": {k: float(v["accuracy"]) for k, v in last_results.items()},
                "checkpoint": str(folder), "nonfinite_steps": nonfinite.total}
     if info.is_main:
-        (Path(cfg.train.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_json(Path(cfg.train.output_dir) / "summary.json", summary)
         log.info("done: %s", summary)
     dist.barrier(group=info.group)
     return summary | {"step_phases": list(metrics.recent), "peak_memory_bytes": metrics.set_memory()}

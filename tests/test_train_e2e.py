@@ -7,7 +7,6 @@ the README's demo runs, on a freshly generated synthetic data set.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,17 +15,9 @@ import pytest
 import torch
 
 from lvface.distributed import free_port
+from run_utils import run_env as _env
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _env(**extra) -> dict:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    env.pop("LOCAL_RANK", None)
-    return env
 
 
 @pytest.fixture(scope="module")
