@@ -139,6 +139,10 @@ def preempted(data, tmp_path_factory):
         done = max(_losses(out)) if number else 0
         _wait_for(log, f"step {done + 1}/{MAX_STEPS}", proc)
         ranks = _ranks(proc)
+        # every process under the runner: the ranks, deepspeed.launcher.launch (which logs the ranks' exit
+        # code) and their helpers. When the runner itself is the one killed, proc.wait() returns at once,
+        # while launch.py still runs and has yet to write its last lines: the log is read after all exit.
+        tree = psutil.Process(proc.pid).children(recursive=True)
         segment = {"how": how, "port": port, "log": log}
         if how == "usr1_rank1":
             ranks[1].send_signal(signal.SIGUSR1)
@@ -147,7 +151,7 @@ def preempted(data, tmp_path_factory):
         else:
             proc.send_signal(signal.SIGTERM)  # the runner: deepspeed.launcher.runner has no handler
         segment["rc"] = proc.wait(timeout=300)
-        _, alive = psutil.wait_procs(list(ranks.values()), timeout=120)
+        _, alive = psutil.wait_procs(tree, timeout=120)
         segment["orphans"] = [p.pid for p in alive]
         for process in alive:
             process.kill()
