@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return run_micro(args)
     records = []
     for impl in args.impl:
-        if impl == "triton" and args.device == "cpu" and not _interpreting():
+        if impl.startswith("triton") and args.device == "cpu" and not _interpreting():
             log.info("triton on the CPU needs TRITON_INTERPRET=1 and its timings mean nothing: skipped")
             continue
         records.append(run_impl(args, impl))

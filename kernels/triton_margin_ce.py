@@ -3,7 +3,7 @@
 Imported only when asked for (margin_ce.build_backend), so lvface imports without triton. Runs on CUDA
 tensors, or on CPU tensors under TRITON_INTERPRET=1 (the tests).
 
-Three kernels, no atomics, nothing of size [N, C] in memory:
+Three kernels, nothing of size [N, C] in memory:
   _forward_kernel   grid (row blocks, class splits): a [BLOCK_N, D] tile of x_hat stays in registers
                     while the program walks its class range in [BLOCK_C, D] tiles of the raw centers:
                     dot = x @ w^T (fp32 accumulation), the tile's row norms from the same loaded tile
@@ -15,10 +15,13 @@ Three kernels, no atomics, nothing of size [N, C] in memory:
   _grad_w_kernel    grid (class blocks): recomputes the same tiles and accumulates g = G^T @ x over
                     the rows in a [BLOCK_C, D] fp32 tile, then dw = (g - w_hat (w_hat . g)) / |w|
                     and stores the used rows (sampled rows go back to their place in W).
-So backward does the logit product twice (once per pass): 5 products of 2 N D C FLOPs per step
-against 3 for a single pass that adds one of the two gradients with atomics. At D = 512 that
-alternative issues N * D * C / BLOCK fp32 atomics (~3e9 at the WebFace42M shape), which would bound it
-on L2 atomic throughput rather than on the tensor cores; it is the variant to measure on a GPU first.
+So the default backward ("two_pass") does the logit product twice (once per pass): 5 products of
+2 N D C FLOPs per step, deterministic, no atomics. The goal counts 3, so at best 60% of the matrix rate.
+backward="atomic" (loss.impl=triton_atomic) runs _grad_w_kernel alone and adds each tile's share of dx
+into an fp32 [N, D] buffer with atomics: 4 products, and N * D * C / BLOCK_C fp32 atomic adds (~3e9 at
+the WebFace42M shape, 6e9 at 64-row class tiles) spread over the rows by starting each class block at
+another row block. Whether the L2 atomics or the saved product win is for a GPU to measure
+(benchmarks/gpu_check.sh runs both); its sums are not bitwise reproducible from run to run.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ import triton.language as tl
 from lvface.kernels.margin_ce import NORM_EPS, num_used
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BACKWARDS = ("two_pass", "atomic")
+"""TritonMarginCE(backward=...): "two_pass" (deterministic, 5 products a step) or "atomic" (4 products,
+dx added with fp32 atomics: not bitwise reproducible from run to run)."""
 
 
 @triton.jit
@@ -139,10 +145,10 @@ def _grad_x_kernel(
 
 @triton.jit
 def _grad_w_kernel(
-    x_ptr, w_ptr, rows_ptr, tgt_ptr, tlogit_ptr, tslope_ptr, lse_ptr, coef_ptr, dw_ptr,
-    N, C, D, stride_x, stride_w, stride_dw, scale,
+    x_ptr, w_ptr, rows_ptr, tgt_ptr, tlogit_ptr, tslope_ptr, lse_ptr, coef_ptr, dw_ptr, dx_ptr,
+    N, C, D, stride_x, stride_w, stride_dw, stride_dx, scale,
     HAS_ROWS: tl.constexpr, EPS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ATOMIC_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -158,7 +164,14 @@ def _grad_w_kernel(
     acc = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     inv_norm = tl.zeros([BLOCK_C], tl.float32)
     norm = tl.zeros([BLOCK_C], tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    row_blocks = tl.cdiv(N, BLOCK_N)
+    for i in range(0, row_blocks):
+        # ATOMIC_X: each class block starts at another row block, so the programs of a wave add into
+        # different rows of dx at a time instead of all contending for the same addresses
+        if ATOMIC_X:
+            n0 = ((i + pid_c) % row_blocks) * BLOCK_N
+        else:
+            n0 = i * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         x = tl.load(x_ptr + offs_n[:, None] * stride_x + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
@@ -173,6 +186,14 @@ def _grad_w_kernel(
             acc += tl.dot(tl.trans(g), x.to(tl.float32), input_precision=INPUT_PRECISION)  # dL/dw_hat (BLOCK_C, D)
         else:
             acc += tl.dot(tl.trans(g).to(x.dtype), x, input_precision=INPUT_PRECISION)
+        if ATOMIC_X:  # this tile's share of dx = (G / |w|) @ w, added into the fp32 dx (4 products a step)
+            gx = g * inv_norm[None, :]
+            if UPCAST:
+                part = tl.dot(gx, w.to(tl.float32), input_precision=INPUT_PRECISION)
+            else:
+                part = tl.dot(gx.to(w.dtype), w, input_precision=INPUT_PRECISION)
+            tl.atomic_add(dx_ptr + offs_n[:, None] * stride_dx + offs_d[None, :], part,
+                          mask=mask_n[:, None] & mask_d[None, :], sem="relaxed")
     w_hat = w.to(tl.float32) * inv_norm[:, None]
     radial = tl.sum(w_hat * acc, axis=1)
     radial = tl.where(norm > EPS, radial, 0.0)
@@ -194,8 +215,14 @@ class TritonMarginCE:
     name = "triton"
     workspace_bytes = 0
 
-    def __init__(self, block_n: int | None = None, block_c: int | None = None, max_splits: int | None = None):
-        self.block_n, self.block_c, self.max_splits = block_n, block_c, max_splits
+    def __init__(self, block_n: int | None = None, block_c: int | None = None, max_splits: int | None = None,
+                 backward: str = "two_pass", fp32_precision: str | None = None):
+        if backward not in BACKWARDS:
+            raise ValueError(f"unknown triton backward {backward!r}; choose one of {', '.join(BACKWARDS)}")
+        self.block_n, self.block_c, self.max_splits, self.backward_mode = block_n, block_c, max_splits, backward
+        self.fp32_precision = fp32_precision
+        if backward == "atomic":
+            self.name = "triton_atomic"
 
     @staticmethod
     def _check(x_hat, centers):
@@ -207,20 +234,23 @@ class TritonMarginCE:
         if x_hat.stride(1) != 1 or centers.stride(1) != 1:
             raise ValueError("the triton margin CE needs row-major embeddings and centers (last stride 1)")
 
-    @staticmethod
-    def _precision(x_hat) -> str:
+    def _precision(self, x_hat) -> str:
         """tl.dot's input precision: TF32 for fp32 operands on a GPU (bf16 / fp16 go to the tensor cores
-        as they are; the setting only concerns fp32), exact fp32 under the interpreter."""
-        return "tf32" if x_hat.is_cuda else "ieee"
+        as they are; the setting only concerns fp32), exact fp32 under the interpreter. fp32_precision="ieee"
+        asks for exact fp32 products on a GPU too (the tests' 1e-5 contract, run natively)."""
+        return self.fp32_precision or ("tf32" if x_hat.is_cuda else "ieee")
 
-    def _blocks(self, n: int, dim: int, element_size: int) -> tuple[int, int, int]:
+    def _blocks(self, n: int, dim: int, element_size: int, atomic: bool = False) -> tuple[int, int, int]:
         """(BLOCK_N, BLOCK_C, BLOCK_D). By default a [BLOCK, D] operand tile holds at most 64 KiB: compiled
         for sm_90 (triton 3.9, default 3 stages) the backward kernels then take 197 KB of shared memory
         with fp32 operands at D = 512 (32-row tiles) and 131 KB with bf16 (64-row tiles), under the
-        H100 / H200 limit of 227 KB; 64 x 64 fp32 tiles would need 393 KB and fail to launch."""
+        H100 / H200 limit of 227 KB; 64 x 64 fp32 tiles would need 393 KB and fail to launch. The atomic
+        backward's kernel converts one more [BLOCK_N, D] product (the dx share): with fp32 operands its
+        row tile halves (16 x 32 tiles: 197 KB; 32 x 32 would need 263 KB), bf16 keeps 64 x 64 (199 KB)."""
         block_d = _block_d(dim)
         default = max(16, min(64, (64 << 10) // (block_d * element_size)))
-        block_n = min(self.block_n or default, max(16, triton.next_power_of_2(n)))
+        default_n = max(16, default // 2) if atomic and element_size == 4 else default
+        block_n = min(self.block_n or default_n, max(16, triton.next_power_of_2(n)))
         return block_n, self.block_c or default, block_d
 
     def forward(self, x_hat, centers, targets, rows, target_logit, scale: float, *, out_max=None, out_sum=None):
@@ -266,7 +296,8 @@ class TritonMarginCE:
         self._check(x_hat, centers)
         n, dim = x_hat.shape
         used = num_used(centers, rows)
-        block_n, block_c, block_d = self._blocks(n, dim, x_hat.element_size())
+        atomic = self.backward_mode == "atomic" and need_x and need_centers and used > 0
+        block_n, block_c, block_d = self._blocks(n, dim, x_hat.element_size(), atomic)
         args = (
             x_hat, centers, rows if rows is not None else targets, targets, target_logit.float().contiguous(),
             target_slope.float().contiguous(), lse.float().contiguous(), coef.float().reshape(1),
@@ -275,10 +306,14 @@ class TritonMarginCE:
             HAS_ROWS=rows is not None, EPS=NORM_EPS, INPUT_PRECISION=self._precision(x_hat), UPCAST=_upcast(x_hat),
             BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=_warps(block_d),
         )
+        dx32 = None
         if need_x:
             grad_x = torch.empty_like(x_hat) if grad_x is None else grad_x
             if used == 0:
                 grad_x.zero_()
+            elif atomic:  # accumulated by _grad_w_kernel below, in fp32 (the caller's buffer when it is fp32)
+                plain = grad_x.dtype == torch.float32 and grad_x.is_contiguous()
+                dx32 = grad_x.zero_() if plain else torch.zeros(n, dim, dtype=torch.float32, device=x_hat.device)
             else:
                 _grad_x_kernel[(triton.cdiv(n, block_n),)](
                     *args, grad_x, n, used, dim, x_hat.stride(0), centers.stride(0), grad_x.stride(0), float(scale),
@@ -291,9 +326,12 @@ class TritonMarginCE:
                 grad_centers.zero_()
             if used:
                 _grad_w_kernel[(triton.cdiv(used, block_c),)](
-                    *args, grad_centers, n, used, dim, x_hat.stride(0), centers.stride(0), grad_centers.stride(0),
-                    float(scale), **meta,
+                    *args, grad_centers, dx32 if atomic else grad_centers, n, used, dim, x_hat.stride(0),
+                    centers.stride(0), grad_centers.stride(0), dx32.stride(0) if atomic else 0, float(scale),
+                    ATOMIC_X=atomic, **meta,
                 )
+        if atomic and dx32.data_ptr() != grad_x.data_ptr():
+            grad_x.copy_(dx32)
         return grad_x if need_x else None, grad_centers if need_centers else None
 
 

@@ -138,8 +138,10 @@ class LossConfig:
     prototype_momentum: float = 0.9
     """Fixed momentum a for prototype_update=momentum: P <- normalize(a * P + (1 - a) * mean)."""
     impl: str = "auto"
-    """Margin-softmax path: auto (triton on CUDA when triton imports, else chunked), triton (fused kernels),
-    chunked (blockwise torch GEMMs; neither holds the [N, C_local] logits) or dense (reference)."""
+    """Margin-softmax path: auto (triton on CUDA when triton imports, else chunked), triton (fused kernels,
+    deterministic), triton_atomic (fused, one backward pass that adds d embeddings with atomics: one product
+    fewer, not bitwise reproducible), chunked (blockwise torch GEMMs; none of these holds the [N, C_local]
+    logits) or dense (reference)."""
     chunk_mb: int = 64
     """Memory budget of one chunk of the chunked path, in MiB."""
 

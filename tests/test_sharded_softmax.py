@@ -53,31 +53,32 @@ def loss_cfg(margin_name: str, stage_name: str) -> LossConfig:
     return LossConfig(scale=64.0, **MARGINS[margin_name], stages=[STAGES[stage_name]])
 
 
-def _head_case(group, margin_name, stage_name, impl, dtype, embeddings, labels, prototypes, rank, world):
+def _head_case(group, margin_name, stage_name, impl, dtype, embeddings, labels, prototypes, rank, world, device):
     cfg = loss_cfg(margin_name, stage_name)
     head = ShardedMarginHead(NUM_CLASSES, DIM, cfg, group=group, impl=impl, chunk_bytes=CHUNK_BYTES, seed=3)
-    head.to(dtype)
+    head.to(device=device, dtype=dtype)
     with torch.no_grad():
         head.prototypes.copy_(prototypes[head.class_start : head.class_end])
     batch = GLOBAL_BATCH // world
-    local = embeddings[rank * batch : (rank + 1) * batch].clone().requires_grad_()
-    loss = head(local, labels[rank * batch : (rank + 1) * batch])
+    local = embeddings[rank * batch : (rank + 1) * batch].clone().to(device).requires_grad_()
+    loss = head(local, labels[rank * batch : (rank + 1) * batch].to(device))
     loss.backward()
     rows = head.last_sampled_rows
-    return {
-        "loss": loss.detach(),
-        "grad_embeddings": local.grad,
-        "grad_weight": head.weight.grad,
-        "weight": head.weight.detach(),
-        "sampled": None if rows is None else rows + head.class_start,
+    return {  # on the CPU: the results cross process boundaries
+        "loss": loss.detach().cpu(),
+        "grad_embeddings": local.grad.cpu(),
+        "grad_weight": head.weight.grad.cpu(),
+        "weight": head.weight.detach().cpu(),
+        "sampled": None if rows is None else rows.cpu() + head.class_start,
         "class_start": head.class_start,
         "num_local": head.num_local_classes,
     }
 
 
-def run_cases(rank, world, group, cases, dtype):
+def run_cases(rank, world, group, cases, dtype, device="cpu"):
     embeddings, labels, prototypes = global_inputs(dtype)
-    return [_head_case(group, *case, dtype, embeddings, labels, prototypes, rank, world) for case in cases]
+    return [_head_case(group, *case, dtype, embeddings, labels, prototypes.to(device), rank, world, device)
+            for case in cases]
 
 
 def reference(margin_name, stage_name, weight, sampled):

@@ -21,6 +21,9 @@ Implementations of the cross entropy, picked by `impl` (IMPLS, config loss.impl)
   recompute of each chunk in backward. The [N, C_local] logits never exist.
 - "triton": the fused kernels of lvface/kernels/triton_margin_ce.py (CUDA, or the interpreter): the
   same math in registers, O(N) numbers written in forward, O(N * D) extra memory in backward.
+  Deterministic: backward recomputes the logits in two passes (dx, then d centers).
+- "triton_atomic": the same kernels with a one-pass backward that adds dx with fp32 atomics (one
+  product fewer, sums not bitwise reproducible); which is faster is measured by benchmarks/gpu_check.sh.
 - "auto": triton on CUDA tensors when triton imports, chunked otherwise (resolved at the first
   forward, logged once).
 - "dense": the same math with autograd over the full [N, C_used] block (tests, benchmark baseline).
@@ -301,26 +304,31 @@ def blockwise_margin_cross_entropy(
     )
 
 
+def _needs_triton(name: str) -> None:
+    if name.startswith("triton") and not triton_available():
+        raise ValueError(
+            f"loss.impl={name} needs the triton package, which is not installed: install triton, or set "
+            "loss.impl to auto (triton where available), chunked or dense"
+        )
+
+
 def build_backend(name: str, *, chunk_bytes: int = 64 << 20):
-    """A fresh margin CE backend object by name ("chunked" or "triton"; the modules of kernels/),
-    the Triton one imported only here, so lvface imports without triton."""
+    """A fresh margin CE backend object by name ("chunked", "triton" or "triton_atomic"; the modules of
+    kernels/), the Triton one imported only here, so lvface imports without triton."""
     if name == "chunked":
         return TorchMarginCE(chunk_bytes)
-    if name == "triton":
-        if not triton_available():
-            raise ValueError(
-                "loss.impl=triton needs the triton package, which is not installed: install triton, or set "
-                "loss.impl to auto (triton where available), chunked or dense"
-            )
+    if name in ("triton", "triton_atomic"):
+        _needs_triton(name)
         from lvface.kernels.triton_margin_ce import TritonMarginCE
 
-        return TritonMarginCE()
-    raise ValueError(f"unknown margin CE backend {name!r}; choose chunked or triton")
+        return TritonMarginCE(backward="atomic" if name == "triton_atomic" else "two_pass")
+    raise ValueError(f"unknown margin CE backend {name!r}; choose chunked, triton or triton_atomic")
 
 
-IMPLS = ("auto", "triton", "chunked", "dense")
-"""loss.impl values: auto (triton on CUDA tensors when triton imports, chunked otherwise), the two
-blockwise backends of kernels/margin_ce.py, and the dense autograd reference."""
+IMPLS = ("auto", "triton", "triton_atomic", "chunked", "dense")
+"""loss.impl values: auto (triton on CUDA tensors when triton imports, chunked otherwise), the
+blockwise backends of kernels/ (triton_atomic: the Triton kernels with the one-pass atomic backward),
+and the dense autograd reference."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,11 +369,7 @@ class ShardedMarginHead(nn.Module):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"head impl {impl!r} is unknown; choose one of {', '.join(IMPLS)}")
-        if impl == "triton" and not triton_available():
-            raise ValueError(
-                "loss.impl=triton needs the triton package, which is not installed: install triton, or set "
-                "loss.impl to auto (triton where available), chunked or dense"
-            )
+        _needs_triton(impl)
         if group is None:
             self.rank, self.world_size = 0, 1
         else:
@@ -454,9 +458,9 @@ class ShardedMarginHead(nn.Module):
         name = self.impl
         if name == "auto":
             name = "triton" if device.type == "cuda" and triton_available() else "chunked"
-        if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if name.startswith("triton") and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
             raise ValueError(
-                f"loss.impl=triton runs on CUDA tensors (or under TRITON_INTERPRET=1); the head is on {device}: "
+                f"loss.impl={name} runs on CUDA tensors (or under TRITON_INTERPRET=1); the head is on {device}: "
                 "set loss.impl to auto or chunked"
             )
         self._backend = None if name == "dense" else build_backend(name, chunk_bytes=self.chunk_bytes)
@@ -574,7 +578,7 @@ class ShardedMarginHead(nn.Module):
         return epl_update_(
             self.prototypes, x_hat.index_select(0, mine), labels.index_select(0, mine),
             mode=cfg.prototype_update, momentum=cfg.prototype_momentum,
-            impl="triton" if self.resolved_impl == "triton" else "torch",
+            impl="triton" if self.resolved_impl.startswith("triton") else "torch",
         )
 
     def discard_update(self) -> None:
