@@ -109,8 +109,35 @@ def test_pytorchjob_requests_gpus_rdma_and_nccl_settings():
     assert {"NCCL_IB_HCA", "NCCL_SOCKET_IFNAME"} <= set(env)
     script = " ".join(container["command"] + container.get("args", []))
     assert "torchrun --nproc_per_node=8" in script
-    # a preemption save (lvface exits 75; torchrun reports 1) is retried: 143 under the ExitCode policy
-    assert worker["restartPolicy"] == "ExitCode" and "PREEMPTED" in script and "exit 143" in script
+    assert worker["restartPolicy"] == "ExitCode" and pod["spec"]["terminationGracePeriodSeconds"] >= 300
+    # a preemption save (lvface exits 75; torchrun reports 1) is retried: 143 under the ExitCode policy;
+    # any other failure keeps its code (1-127: permanent)
+    assert _wrapper_exit(container, "torchrun", 1, preempted=True) == 143
+    assert _wrapper_exit(container, "torchrun", 1, preempted=False) == 1
+    assert _wrapper_exit(container, "torchrun", 0, preempted=False) == 0
+
+
+def _wrapper_exit(container: dict, launcher: str, code: int, *, preempted: bool) -> int:
+    """Run a manifest's container command for real under /bin/sh, with its output folder moved to a temporary
+    one and `launcher` (torchrun, mpirun) a stand-in that writes lvface's PREEMPTED marker if asked and
+    exits with `code`; the wrapper's own exit code."""
+    import re
+    import tempfile
+
+    command = container["command"] + container.get("args", [])
+    assert command[:2] == ["/bin/sh", "-c"], command
+    script = command[2]
+    folder = re.search(r"^\s*OUT=(\S+)$", script, re.M).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        out, bin_dir = Path(tmp) / "run", Path(tmp) / "bin"
+        out.mkdir(), bin_dir.mkdir()
+        marker = f"echo samples000000001024 > {out}/PREEMPTED; " if preempted else ""
+        stand_in = bin_dir / launcher
+        stand_in.write_text(f"#!/bin/sh\n{marker}exit {code}\n")
+        stand_in.chmod(0o755)
+        done = subprocess.run(["/bin/sh", "-c", script.replace(folder, str(out))], capture_output=True, text=True,
+                              env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, timeout=60)
+    return done.returncode
 
 
 def test_mpijob_has_a_launcher_and_rdma_workers():
@@ -120,13 +147,21 @@ def test_mpijob_has_a_launcher_and_rdma_workers():
     assert spec["slotsPerWorker"] == 8 and spec["mpiImplementation"] == "OpenMPI"
     replicas = spec["mpiReplicaSpecs"]
     assert replicas["Launcher"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 8
-    launcher = replicas["Launcher"]["template"]["spec"]["containers"][0]
-    command = launcher["command"]
-    assert command[0] == "mpirun" and command[command.index("-np") + 1] == str(8 * spec["slotsPerWorker"])
-    assert "lvface/train.py" in command and "NCCL_IB_HCA" in command
+    launcher_pod = replicas["Launcher"]["template"]["spec"]
+    launcher = launcher_pod["containers"][0]
+    words = launcher["args"][0].replace("\\\n", " ").split()
+    assert words[words.index("-np") + 1] == str(8 * spec["slotsPerWorker"])
+    assert "lvface/train.py" in words and "NCCL_IB_HCA" in words
     worker = replicas["Worker"]["template"]
-    assert worker["metadata"]["labels"]["app"] == "lvface"
+    assert worker["metadata"]["labels"]["app"] == "lvface" and worker["spec"]["terminationGracePeriodSeconds"] >= 300
     _check_rdma_pod(worker["spec"], "worker")
+    # mpirun reports some rank's code: after a preemption save the launcher exits 75 (the marker is on the
+    # checkpoint volume, which the launcher mounts); other codes pass through
+    assert any(m["mountPath"] == "/ckpt" for m in launcher["volumeMounts"])
+    assert {v["name"] for v in launcher_pod["volumes"]} == {m["name"] for m in launcher["volumeMounts"]}
+    assert _wrapper_exit(launcher, "mpirun", 1, preempted=True) == 75
+    assert _wrapper_exit(launcher, "mpirun", 137, preempted=False) == 137
+    assert _wrapper_exit(launcher, "mpirun", 0, preempted=False) == 0
 
 
 def test_podmonitor_scrapes_every_local_rank():
