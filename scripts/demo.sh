@@ -7,6 +7,14 @@ bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 RANKS=${RANKS:-2}
 
+# A new demo is a fresh run: an earlier demo's folder (finished, or killed without a lock left behind) is
+# kept under a dated name rather than overwritten; lvface refuses a fresh run in a folder holding another
+# run's checkpoints, and a live run's folder (it holds .lvface.lock) is left to lvface's lock to report.
+if [ -d demo_out/run ] && [ ! -e demo_out/run/.lvface.lock ]; then
+    previous="demo_out/run.$(date +%Y%m%d-%H%M%S)"
+    mv demo_out/run "$previous"
+    echo "demo: the previous demo run is kept in $previous"
+fi
 lvface synth --out demo_out/data --identities 300 --images-per-identity 20 --val-identities 100 --val-pairs 600
 deepspeed --num_gpus "$RANKS" lvface/train.py --ds_config configs/zero2.json --config configs/demo.yaml "$@"
 python - <<'PY'
