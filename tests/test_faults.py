@@ -188,7 +188,11 @@ def test_sigterm_to_the_deepspeed_runner_leaves_no_orphan(preempted):
     segment = preempted["segments"][1]
     assert segment["orphans"] == []
     assert "the launcher process" in segment["text"]  # the ranks saw their launcher go, saved, and exited 75
-    assert "[rank1] WARNING lvface: stopped by SIGTERM" in segment["text"]
+    # the first rank whose watcher sees the runner gone stops by SIGTERM; the other may stop with it at the
+    # same step boundary ("a stop request of another rank") before its own watcher fires (1 s polls)
+    assert "WARNING lvface: stopped by SIGTERM" in segment["text"], segment["text"][-3000:]
+    for rank in (0, 1):
+        assert f"[rank{rank}] WARNING lvface: stopped by" in segment["text"]
 
 
 def test_lock_is_released_on_every_way_out(preempted):
