@@ -19,9 +19,9 @@ backend.backward. A backend never communicates and never holds the [N, C] logits
                  dx_hat = G @ w_hat;  dw = (g - w_hat (w_hat . g)) / |w|,  g = G^T x_hat
                  (g / eps where |w| <= eps, F.normalize's convention).
 
-Backends (BACKENDS): "chunked" = TorchMarginCE here (GEMM per class chunk into a reused [c, N]
-workspace); "triton" = TritonMarginCE in kernels/triton_margin_ce.py (imported lazily by the head's
-build_backend, so lvface imports without triton). A new backend is one class with these two methods
+Backends: "chunked" = TorchMarginCE here (GEMM per class chunk into a reused [c, N] workspace);
+"triton" and "triton_atomic" = TritonMarginCE in kernels/triton_margin_ce.py (imported lazily by the
+head's build_backend, so lvface imports without triton; the names are lvface.heads.IMPLS). A new backend is one class with these two methods
 in its own file here, plus its line in lvface/heads/sharded_softmax.build_backend.
 
 Products on CUDA: the torch backend runs fp32 inputs as TF32 products with fp32 accumulation
@@ -59,7 +59,6 @@ import math
 import torch
 
 NORM_EPS = 1e-12  # F.normalize's default: x / max(||x||, eps)
-BACKENDS = ("chunked", "triton")
 
 
 def triton_available() -> bool:
@@ -93,6 +92,14 @@ def target_cosines(x_hat: torch.Tensor, centers: torch.Tensor, targets: torch.Te
     norm = picked.norm(dim=1).clamp(min=NORM_EPS)
     cos = (x_hat.to(acc) * picked).sum(dim=1) / norm
     return torch.where(has_target, cos, torch.zeros_like(cos))
+
+
+def centers_grad_buffer(centers: torch.Tensor, rows: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+    """Where a backend writes dL/dcenters: the caller's `out`, or a new tensor like `centers`; zeroed when
+    only the sampled `rows` will be written (the other rows' gradient is exactly 0)."""
+    if out is None:
+        return torch.empty_like(centers) if rows is None else torch.zeros_like(centers)
+    return out.zero_() if rows is not None else out
 
 
 @contextlib.contextmanager
@@ -150,6 +157,20 @@ def _target_slots(targets: torch.Tensor, start: int, stop: int) -> tuple[torch.T
     return inside, local.clamp(0, stop - start - 1).unsqueeze(0)
 
 
+def _logits_chunk(x_hat, centers, rows, targets, target_logit, scale: float, start: int, stop: int,
+                  w_buffer: torch.Tensor, block: torch.Tensor):
+    """The logits z [c, N] of used classes [start, stop) in `block` (s * w_hat @ x_hat^T, each row's target
+    entry replaced by its target logit), with the chunk's (w_hat, inv_norm, full_norm) and its target
+    slots (inside, index): what forward and the backward recompute share."""
+    n = x_hat.shape[0]
+    w_hat, inv_norm, full_norm = _normalized_chunk(centers, rows, start, stop, w_buffer)
+    z = torch.mm(w_hat, x_hat.t(), out=block[: n * (stop - start)].view(stop - start, n)).mul_(scale)  # (c, N)
+    inside, index = _target_slots(targets, start, stop)
+    current = z.gather(0, index)[0]
+    z.scatter_(0, index, torch.where(inside, target_logit.to(z.dtype), current).unsqueeze(0))
+    return z, w_hat, inv_norm, full_norm, inside, index
+
+
 def _chunks(total: int, size: int):
     for start in range(0, total, size):
         yield start, min(start + size, total)
@@ -200,12 +221,7 @@ class TorchMarginCE:
         block, w_buffer, _ = _carve(workspace, n, dim, cols)
         with _fast_products(x_hat):
             for start, stop in _chunks(used, cols):
-                w_hat, _, _ = _normalized_chunk(centers, rows, start, stop, w_buffer)
-                z = torch.mm(w_hat, x_hat.t(), out=block[: n * (stop - start)].view(stop - start, n))  # (c, N)
-                z.mul_(scale)
-                inside, index = _target_slots(targets, start, stop)
-                current = z.gather(0, index)  # (1, N)
-                z.scatter_(0, index, torch.where(inside, target_logit.to(z.dtype), current[0]).unsqueeze(0))
+                z, *_ = _logits_chunk(x_hat, centers, rows, targets, target_logit, scale, start, stop, w_buffer, block)
                 new_max = torch.maximum(run_max, z.amax(dim=0).to(acc))
                 run_sum.mul_(torch.exp(run_max - new_max)).add_(z.sub_(new_max.to(z.dtype)).exp_().sum(dim=0, dtype=acc))
                 run_max = new_max
@@ -224,21 +240,15 @@ class TorchMarginCE:
         if need_x:
             grad_x = torch.zeros_like(x_hat, dtype=acc) if grad_x is None else grad_x.zero_()
         if need_centers:
-            if grad_centers is None:
-                grad_centers = torch.empty_like(centers) if rows is None else torch.zeros_like(centers)
-            elif rows is not None:
-                grad_centers.zero_()
+            grad_centers = centers_grad_buffer(centers, rows, grad_centers)
         cols, workspace = self._prepare(x_hat, used)
         block, w_buffer, g_buffer = _carve(workspace, n, dim, cols)
         lse_b, coef_b = lse.to(x_hat.dtype), coef.to(x_hat.dtype)
         with _fast_products(x_hat):
             for start, stop in _chunks(used, cols):
                 c = stop - start
-                w_hat, inv_norm, full_norm = _normalized_chunk(centers, rows, start, stop, w_buffer)
-                z = torch.mm(w_hat, x_hat.t(), out=block[: n * c].view(c, n)).mul_(scale)  # (c, N) logits
-                inside, index = _target_slots(targets, start, stop)
-                current = z.gather(0, index)[0]
-                z.scatter_(0, index, torch.where(inside, target_logit.to(z.dtype), current).unsqueeze(0))
+                z, w_hat, inv_norm, full_norm, inside, index = _logits_chunk(
+                    x_hat, centers, rows, targets, target_logit, scale, start, stop, w_buffer, block)
                 grad_z = z.sub_(lse_b).exp_()  # (c, N) probabilities p
                 p_target = grad_z.gather(0, index)[0]
                 adjusted = (p_target - 1.0) * target_slope.to(z.dtype)

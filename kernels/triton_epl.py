@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-_EPS = 1e-12  # F.normalize's eps
+from lvface.kernels.margin_ce import NORM_EPS
+
 
 
 @triton.jit
@@ -53,6 +54,6 @@ def triton_epl_update_(prototypes, features, classes, *, mode: str, momentum: fl
     dim = features.shape[1]
     _epl_kernel[(segments,)](
         features, order, offsets, seg_rows, prototypes, dim, features.stride(0), prototypes.stride(0),
-        float(momentum), ADAPTIVE=mode == "adaptive", EPS=_EPS, BLOCK_D=triton.next_power_of_2(dim),
+        float(momentum), ADAPTIVE=mode == "adaptive", EPS=NORM_EPS, BLOCK_D=triton.next_power_of_2(dim),
     )
     return segments

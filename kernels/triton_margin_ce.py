@@ -33,12 +33,45 @@ import torch
 import triton
 import triton.language as tl
 
-from lvface.kernels.margin_ce import NORM_EPS, num_used
+from lvface.kernels.margin_ce import NORM_EPS, centers_grad_buffer, num_used
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKWARDS = ("two_pass", "atomic")
 """TritonMarginCE(backward=...): "two_pass" (deterministic, 5 products a step) or "atomic" (4 products,
 dx added with fp32 atomics: not bitwise reproducible from run to run)."""
+
+
+@triton.jit
+def _dot(a, b, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation, `a` in `b`'s dtype (the fp32 gradient tiles go to the tensor cores as
+    the operands' bf16 / fp16). UPCAST: both in fp32 instead - the interpreter's tl.dot mis-reads bf16
+    (triton 3.9), so it gets the exact fp32 products of the same values."""
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=INPUT_PRECISION)
+    else:
+        out = tl.dot(a.to(b.dtype), b, input_precision=INPUT_PRECISION)
+    return out
+
+
+@triton.jit
+def _load_centers(w_ptr, rows_ptr, offs_c, mask_c, offs_d, mask_d, stride_w, HAS_ROWS: tl.constexpr):
+    """The raw centers of the used classes offs_c, [BLOCK_C, BLOCK_D] (0 where masked), and their rows of W
+    (through the sampled `rows` when HAS_ROWS)."""
+    if HAS_ROWS:
+        w_rows = tl.load(rows_ptr + offs_c, mask=mask_c, other=0)
+    else:
+        w_rows = offs_c
+    w = tl.load(w_ptr + w_rows[:, None] * stride_w + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+    return w, w_rows
+
+
+@triton.jit
+def _load_rows(x_ptr, tgt_ptr, tlogit_ptr, offs_n, mask_n, offs_d, mask_d, stride_x):
+    """A [BLOCK_N, BLOCK_D] tile of x_hat (0 where masked), its rows' targets (-1) and target logits (0)."""
+    x = tl.load(x_ptr + offs_n[:, None] * stride_x + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=-1)
+    tlogit = tl.load(tlogit_ptr + offs_n, mask=mask_n, other=0.0)
+    return x, tgt, tlogit
 
 
 @triton.jit
@@ -50,10 +83,7 @@ def _logits_tile(
     wf = w.to(tl.float32)
     norm = tl.sqrt(tl.sum(wf * wf, axis=1))
     inv_norm = 1.0 / tl.maximum(norm, EPS)
-    if UPCAST:  # the interpreter's tl.dot mis-reads bf16 (triton 3.9): exact fp32 products of the values
-        dot = tl.dot(x.to(tl.float32), tl.trans(wf), input_precision=INPUT_PRECISION)
-    else:
-        dot = tl.dot(x, tl.trans(w), input_precision=INPUT_PRECISION)
+    dot = _dot(x, tl.trans(w), INPUT_PRECISION, UPCAST)
     z = dot * (inv_norm * scale)[None, :]
     is_target = offs_c[None, :] == tgt[:, None]
     z = tl.where(is_target, tlogit[:, None], z)
@@ -74,9 +104,7 @@ def _forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask_d = offs_d < D
-    x = tl.load(x_ptr + offs_n[:, None] * stride_x + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=-1)
-    tlogit = tl.load(tlogit_ptr + offs_n, mask=mask_n, other=0.0)
+    x, tgt, tlogit = _load_rows(x_ptr, tgt_ptr, tlogit_ptr, offs_n, mask_n, offs_d, mask_d, stride_x)
     run_max = tl.full([BLOCK_N], -float("inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_N], tl.float32)
     c_begin = pid_s * classes_per_split
@@ -84,11 +112,7 @@ def _forward_kernel(
     for c0 in range(c_begin, c_end, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < c_end
-        if HAS_ROWS:
-            w_rows = tl.load(rows_ptr + offs_c, mask=mask_c, other=0)
-        else:
-            w_rows = offs_c
-        w = tl.load(w_ptr + w_rows[:, None] * stride_w + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+        w, _ = _load_centers(w_ptr, rows_ptr, offs_c, mask_c, offs_d, mask_d, stride_w, HAS_ROWS)
         z, _, _, _ = _logits_tile(x, w, offs_c, mask_c, tgt, tlogit, scale, EPS, INPUT_PRECISION, UPCAST)
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
@@ -118,9 +142,7 @@ def _grad_x_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask_d = offs_d < D
-    x = tl.load(x_ptr + offs_n[:, None] * stride_x + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=-1)
-    tlogit = tl.load(tlogit_ptr + offs_n, mask=mask_n, other=0.0)
+    x, tgt, tlogit = _load_rows(x_ptr, tgt_ptr, tlogit_ptr, offs_n, mask_n, offs_d, mask_d, stride_x)
     tslope = tl.load(tslope_ptr + offs_n, mask=mask_n, other=0.0)
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     coef = tl.load(coef_ptr)
@@ -128,17 +150,10 @@ def _grad_x_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        if HAS_ROWS:
-            w_rows = tl.load(rows_ptr + offs_c, mask=mask_c, other=0)
-        else:
-            w_rows = offs_c
-        w = tl.load(w_ptr + w_rows[:, None] * stride_w + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+        w, _ = _load_centers(w_ptr, rows_ptr, offs_c, mask_c, offs_d, mask_d, stride_w, HAS_ROWS)
         z, is_target, inv_norm, _ = _logits_tile(x, w, offs_c, mask_c, tgt, tlogit, scale, EPS, INPUT_PRECISION, UPCAST)
         g = _grad_tile(z, is_target, mask_c, lse, tslope, coef) * inv_norm[None, :]  # dL/d(x . w) per tile
-        if UPCAST:
-            acc += tl.dot(g, w.to(tl.float32), input_precision=INPUT_PRECISION)
-        else:
-            acc += tl.dot(g.to(w.dtype), w, input_precision=INPUT_PRECISION)
+        acc += _dot(g, w, INPUT_PRECISION, UPCAST)
     tl.store(dx_ptr + offs_n[:, None] * stride_dx + offs_d[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=mask_n[:, None] & mask_d[None, :])
 
@@ -155,11 +170,7 @@ def _grad_w_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_c = offs_c < C
     mask_d = offs_d < D
-    if HAS_ROWS:
-        w_rows = tl.load(rows_ptr + offs_c, mask=mask_c, other=0)
-    else:
-        w_rows = offs_c
-    w = tl.load(w_ptr + w_rows[:, None] * stride_w + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+    w, w_rows = _load_centers(w_ptr, rows_ptr, offs_c, mask_c, offs_d, mask_d, stride_w, HAS_ROWS)
     coef = tl.load(coef_ptr)
     acc = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     inv_norm = tl.zeros([BLOCK_C], tl.float32)
@@ -174,24 +185,15 @@ def _grad_w_kernel(
             n0 = i * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        x = tl.load(x_ptr + offs_n[:, None] * stride_x + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=-1)
-        tlogit = tl.load(tlogit_ptr + offs_n, mask=mask_n, other=0.0)
+        x, tgt, tlogit = _load_rows(x_ptr, tgt_ptr, tlogit_ptr, offs_n, mask_n, offs_d, mask_d, stride_x)
         tslope = tl.load(tslope_ptr + offs_n, mask=mask_n, other=0.0)
         lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
         z, is_target, inv_norm, norm = _logits_tile(x, w, offs_c, mask_c, tgt, tlogit, scale, EPS, INPUT_PRECISION, UPCAST)
         g = _grad_tile(z, is_target, mask_c, lse, tslope, coef)
         g = tl.where(mask_n[:, None], g, 0.0)
-        if UPCAST:
-            acc += tl.dot(tl.trans(g), x.to(tl.float32), input_precision=INPUT_PRECISION)  # dL/dw_hat (BLOCK_C, D)
-        else:
-            acc += tl.dot(tl.trans(g).to(x.dtype), x, input_precision=INPUT_PRECISION)
+        acc += _dot(tl.trans(g), x, INPUT_PRECISION, UPCAST)  # dL/dw_hat (BLOCK_C, D)
         if ATOMIC_X:  # this tile's share of dx = (G / |w|) @ w, added into the fp32 dx (4 products a step)
-            gx = g * inv_norm[None, :]
-            if UPCAST:
-                part = tl.dot(gx, w.to(tl.float32), input_precision=INPUT_PRECISION)
-            else:
-                part = tl.dot(gx.to(w.dtype), w, input_precision=INPUT_PRECISION)
+            part = _dot(g * inv_norm[None, :], w, INPUT_PRECISION, UPCAST)
             tl.atomic_add(dx_ptr + offs_n[:, None] * stride_dx + offs_d[None, :], part,
                           mask=mask_n[:, None] & mask_d[None, :], sem="relaxed")
     w_hat = w.to(tl.float32) * inv_norm[:, None]
@@ -320,10 +322,7 @@ class TritonMarginCE:
                     **meta,
                 )
         if need_centers:
-            if grad_centers is None:
-                grad_centers = torch.empty_like(centers) if rows is None else torch.zeros_like(centers)
-            elif rows is not None:
-                grad_centers.zero_()
+            grad_centers = centers_grad_buffer(centers, rows, grad_centers)
             if used:
                 _grad_w_kernel[(triton.cdiv(used, block_c),)](
                     *args, grad_centers, dx32 if atomic else grad_centers, n, used, dim, x_hat.stride(0),
