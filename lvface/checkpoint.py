@@ -161,13 +161,18 @@ def _describe_error(exc: BaseException, where: Path) -> str:
     return f"{where}: {type(exc).__name__}: {exc}{hint}"
 
 
+def _gather(mine, group, world_size: int) -> list:
+    """Every rank's `mine` (any picklable value), in rank order, on every rank; also a barrier."""
+    if world_size == 1:
+        return [mine]
+    parts: list = [None] * world_size
+    dist.all_gather_object(parts, mine, group=group)
+    return parts
+
+
 def _agree(error: str | None, group, world_size: int) -> list[str]:
     """Every rank's error (None = fine) on every rank; also a barrier."""
-    if world_size == 1:
-        return [error] if error else []
-    errors: list[str | None] = [None] * world_size
-    dist.all_gather_object(errors, error, group=group)
-    return [e for e in errors if e]
+    return [e for e in _gather(error, group, world_size) if e]
 
 
 def _nonfinite_tensors(named: dict[str, torch.Tensor]) -> list[str]:
@@ -235,10 +240,8 @@ def save_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, confi
         except OSError as exc:
             mine, error = {}, f"rank {rank}: {_describe_error(exc, staging)}"
         errors = _agree(error, group, world_size)
-        if not errors and world_size > 1:
-            parts: list[dict] = [{}] * world_size
-            dist.all_gather_object(parts, mine, group=group)
-            mine = {k: v for part in parts for k, v in part.items()}
+        if not errors:
+            mine = {k: v for part in _gather(mine, group, world_size) for k, v in part.items()}
     if not errors and rank == 0:
         try:
             info = {"run_id": run_id, "tag": tag, "samples_seen": train_state["samples_seen"],
@@ -321,7 +324,7 @@ def select_checkpoint(candidates: list[tuple[Path, str]], fallback: bool, *, ran
             problems = [str(exc)]
         else:
             mine = check_files(folder, names[rank::world_size])
-            problems = [p for part in _gather_lists(mine, group, world_size) for p in part]
+            problems = [p for part in _gather(mine, group, world_size) for p in part]
         if not problems:
             if problems_seen:
                 log.warning("resuming from %s, the newest intact checkpoint", folder)
@@ -335,14 +338,6 @@ def select_checkpoint(candidates: list[tuple[Path, str]], fallback: bool, *, ran
         raise CheckpointCorrupt(f"no intact checkpoint to resume from: {' | '.join(problems_seen)}; remove the damaged "
                                 f"folders, or start afresh in another train.output_dir")
     return None
-
-
-def _gather_lists(mine: list, group, world_size: int) -> list[list]:
-    if world_size == 1:
-        return [mine]
-    parts: list[list] = [[]] * world_size
-    dist.all_gather_object(parts, mine, group=group)
-    return parts
 
 
 def refuse_foreign_checkpoints(output_dir: str | Path) -> None:
