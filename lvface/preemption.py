@@ -79,11 +79,20 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _parent_of(pid: int) -> int:
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state, ppid, ...); None when unreadable.
+    The name is cut at the last ')' because it may itself hold spaces and parentheses."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[1])
-    except (OSError, IndexError, ValueError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _parent_of(pid: int) -> int:
+    fields = _stat_fields(pid)
+    try:
+        return int(fields[1]) if fields else 0
+    except (IndexError, ValueError):
         return 0
 
 
@@ -107,11 +116,8 @@ def process_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
-    except (OSError, IndexError):
-        return True
+    fields = _stat_fields(pid)
+    return not fields or fields[0] != "Z"  # a zombie is dead; unreadable: alive, as os.kill said
 
 
 def watch_launcher(interval_s: float = 1.0) -> threading.Thread | None:
