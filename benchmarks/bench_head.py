@@ -55,6 +55,7 @@ import torch.multiprocessing as mp
 from lvface.distributed import free_port
 from lvface.config import LossConfig, StageConfig
 from lvface.heads import IMPLS, ShardedMarginHead
+from lvface.metrics import proc_status_bytes
 
 log = logging.getLogger("bench_head")
 MB = 1 << 20
@@ -85,12 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _status_mb(field: str) -> float:
-    """A memory line of /proc/self/status (VmRSS, VmHWM) in MiB: this process only (not its parent's
-    pages, which ru_maxrss would carry across the spawn's exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024.0
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    """A memory line of /proc/self/status (VmRSS, VmHWM) in MiB (lvface.metrics.proc_status_bytes)."""
+    value = proc_status_bytes(field)
+    if value is None:
+        raise RuntimeError(f"{field} not in /proc/self/status")
+    return value / MB
 
 
 def _rank_main(rank: int, args: argparse.Namespace, impl: str, port: int, out_dir: str) -> None:

@@ -131,16 +131,25 @@ def exported_sample_names() -> set[str]:
     return {sample.name for family in registry.collect() for sample in family.samples}
 
 
+def proc_status_bytes(field: str) -> int | None:
+    """A memory line of /proc/self/status (VmRSS, VmHWM) in bytes: this process only (not the pages of a
+    parent, which ru_maxrss carries across a spawn's exec); None where there is no such file or line."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """torch.cuda.max_memory_allocated on a CUDA device; this process's peak RSS (VmHWM) otherwise."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     import resource  # not Linux: ru_maxrss (KiB on Linux-likes, bytes on macOS; good enough there)
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
