@@ -50,9 +50,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from lvface.metrics import PHASES  # noqa: E402  (the step phases the trainer times)
+
 log = logging.getLogger("bench_step")
 MB = 1 << 20
-PHASES = ("data_wait", "backbone", "head", "head_collective", "optimizer")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
