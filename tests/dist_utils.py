@@ -23,7 +23,6 @@ import io
 import os
 import pickle
 import queue
-import socket
 import traceback
 from datetime import timedelta
 
@@ -31,17 +30,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lvface.distributed import free_port  # test_export imports it from here too
+
 DEFAULT_TIMEOUT = 120.0
 
 
 class RankError(RuntimeError):
     """A function raised on one or more ranks; the message holds their tracebacks."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _dumps(obj) -> bytes:
