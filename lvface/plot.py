@@ -16,11 +16,11 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# (file stem, title, y label, columns, log-scale y)
+# (file stem, title, y label, columns)
 PLOTS = (
-    ("loss", "Training loss", "loss", ("loss",), False),
-    ("lr", "Learning rate (backbone; the head follows it)", "learning rate", ("lr",), False),
-    ("throughput", "Throughput (all ranks)", "images / s", ("images_per_s",), False),
+    ("loss", "Training loss", "loss", ("loss",)),
+    ("lr", "Learning rate (backbone; the head follows it)", "learning rate", ("lr",)),
+    ("throughput", "Throughput (all ranks)", "images / s", ("images_per_s",)),
 )
 
 
@@ -48,9 +48,9 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     accuracy_columns = sorted(c for c in table if c.endswith("_accuracy"))
     plots = list(PLOTS)
     if accuracy_columns:
-        plots.append(("accuracy", "Verification accuracy (10-fold)", "accuracy", tuple(accuracy_columns), False))
+        plots.append(("accuracy", "Verification accuracy (10-fold)", "accuracy", tuple(accuracy_columns)))
     written = []
-    for stem, title, ylabel, columns, log_y in plots:
+    for stem, title, ylabel, columns in plots:
         series = {c: _series(table, c) for c in columns if c in table}
         series = {c: xy for c, xy in series.items() if xy[0]}
         if not series:
@@ -63,8 +63,6 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         axes.set_title(f"{title} -- {run_dir.name}")
         axes.set_xlabel("optimizer step")
         axes.set_ylabel(ylabel)
-        if log_y:
-            axes.set_yscale("log")
         axes.grid(True, alpha=0.3)
         if len(series) > 1 or stem == "accuracy":
             axes.legend()
