@@ -27,7 +27,7 @@ CE pass).
     python benchmarks/bench_head.py --micro sampler epl bound --batch 24576 --classes 32187 --json micro.json
 
 --micro runs single-process micro-benchmarks instead (--batch is N, --classes is C_local): the
-device-side Partial-FC sampler against the previous host-side one, the EPL update's Triton kernel
+device-side Partial-FC sampler against a host-side one (CPU rand + topk), the EPL update's Triton kernel
 against its torch composition, and `bound`: the loss with the shift by s instead of the row max, in
 fp32, against float64 (see lvface/kernels/margin_ce.py). Triton on the CPU runs only under
 TRITON_INTERPRET=1, where timings mean nothing (correctness only); such records are skipped.

@@ -16,7 +16,8 @@
 #   device run: bash benchmarks/gpu_check.sh   carry [".whl"]   timeout_s 540
 #   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh           # the plumbing on a CPU, tiny sizes (~1 min)
 #
-# Record every figure in benchmarks/RESULTS.md with the card's name (the env stage of the JSON).
+# Record the figures as benchmarks/results/gpu-check-<card>-<date>.md with the card's name (the env stage
+# of the JSON), and add its line to the index, benchmarks/RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}

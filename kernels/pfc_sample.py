@@ -23,21 +23,13 @@ from __future__ import annotations
 
 import torch
 
-_MASK64 = 0xFFFFFFFFFFFFFFFF
+from lvface.hashing import GOLDEN_GAMMA, fold
 
 
 def mix_seed(*values: int) -> int:
     """A 63-bit seed from integers (splitmix64 folded over them): counter-based, so a stream can be
     recreated from (seed, step, shard) after a resume without saving generator state."""
-    state = 0x9E3779B97F4A7C15
-    for value in values:
-        state = (state ^ (int(value) & _MASK64)) & _MASK64
-        state = (state + 0x9E3779B97F4A7C15) & _MASK64
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        state = z ^ (z >> 31)
-    return state >> 1
+    return fold(*values, start=GOLDEN_GAMMA) >> 1
 
 
 def sample_seed(seed: int, step: int, class_start: int) -> int:

@@ -143,8 +143,8 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
 # DeepSpeed's shared-memory all-reduce buffers (CPU accelerator)
 # --------------------------------------------------------------------------------------------------
 # deepspeed/ops/csrc/cpu/comm/shm.cpp creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
-# (about 66 MB each) at init, maps the buffers of every local rank, and never unlinks them: every
-# killed run used to leave its buffers behind. The buffers are opened only at init, so each rank
+# (about 66 MB each) at init, maps the buffers of every local rank, and never unlinks them, so a killed
+# run would leave them behind in RAM. The buffers are opened only at init, so each rank
 # unlinks its own name once all ranks have mapped them (the memory lives on until the last process
 # unmaps it), and a starting run removes the buffers of dead runs.
 

@@ -144,27 +144,9 @@ def _latency_ms(session, image_size: int, runs: int) -> dict:
     return {"runs": runs, "mfr_style_ms": costs[min(5, runs - 1)], "median_ms": costs[runs // 2]}
 
 
-def check_onnx(onnx_path: str | Path, module: torch.nn.Module, *, parity_batches: tuple[int, ...] = (1, 5),
-               latency_runs: int = 50) -> dict:
-    """Parity of the ONNX file with `module` through onnxruntime, and MFR-Ongoing's submission checks.
-
-    Returns a report dict; report["passed"] is True when parity and every required check pass.
-    """
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto
-
-    onnx_path = Path(onnx_path)
-    module = build_export_model(module) if isinstance(module, VisionTransformer) else module.float().eval()
-    image_size = module.image_size if isinstance(module, VisionTransformer) else 112
-    model = onnx.load(str(onnx_path))
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    checks: list[dict] = []
-
-    def check(name: str, value, requirement: str, passed: bool, required: bool = True) -> None:
-        checks.append({"check": name, "value": value, "requirement": requirement, "passed": bool(passed),
-                       "required": required})
-
+def _interface_checks(check, session, model) -> int | None:
+    """MFR's interface rules: one float NCHW input named INPUT_NAME with a symbolic batch, one output of
+    at most MFR_MAX_FEATURE_DIM features, enough graph nodes. Returns the feature dimension."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
     shape = list(inputs[0].shape)
     check("input name", inputs[0].name, f"'{INPUT_NAME}'", inputs[0].name == INPUT_NAME)
@@ -177,6 +159,14 @@ def check_onnx(onnx_path: str | Path, module: torch.nn.Module, *, parity_batches
     check("feature dimension", feature_dim, f"<= {MFR_MAX_FEATURE_DIM} (lvface: 512)",
           isinstance(feature_dim, int) and feature_dim <= MFR_MAX_FEATURE_DIM)
     check("graph nodes", len(model.graph.node), f">= {MFR_MIN_NODES}", len(model.graph.node) >= MFR_MIN_NODES)
+    return feature_dim
+
+
+def _weight_checks(check, model, onnx_path: Path) -> float:
+    """MFR's weight rules (fp32 only, nothing narrower, a size limit) and the input normalisation its
+    loader infers from the first nodes' names. Returns the file size in MiB."""
+    from onnx import TensorProto
+
     narrow = _narrow_tensor_types()
     narrow_initializers = [init.name for init in model.graph.initializer if init.data_type in narrow]
     narrow_constants = [node.name for node in model.graph.node if node.op_type == "Constant"
@@ -195,7 +185,12 @@ def check_onnx(onnx_path: str | Path, module: torch.nn.Module, *, parity_batches
     mfr_norm = (0.0, 1.0) if (mfr_subtracts and mfr_multiplies) else (127.5, 127.5)
     check("input normalisation MFR infers (mean, std)", list(mfr_norm), "[127.5, 127.5] = (x/255-0.5)/0.5",
           mfr_norm == (127.5, 127.5))
+    return size_mib
 
+
+def _parity_checks(check, session, module, image_size: int, parity_batches, feature_dim) -> tuple[list, float]:
+    """onnxruntime against PyTorch on random inputs and synthetic faces, and the dynamic batch.
+    Returns (parity entries, the smallest cosine)."""
     parity = []
     generator = torch.Generator().manual_seed(0)
     for batch in progress(parity_batches, desc="export: parity", unit="batch"):
@@ -210,6 +205,32 @@ def check_onnx(onnx_path: str | Path, module: torch.nn.Module, *, parity_batches
         session.run(None, {INPUT_NAME: np.zeros((b, 3, image_size, image_size), np.float32)})[0].shape
         == (b, feature_dim) for b in (1, 3))
     check("dynamic batch (runs at 1 and 3)", output_shapes_ok, "True", output_shapes_ok)
+    return parity, min_cosine
+
+
+def check_onnx(onnx_path: str | Path, module: torch.nn.Module, *, parity_batches: tuple[int, ...] = (1, 5),
+               latency_runs: int = 50) -> dict:
+    """Parity of the ONNX file with `module` through onnxruntime, and MFR-Ongoing's submission checks.
+
+    Returns a report dict; report["passed"] is True when parity and every required check pass.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    onnx_path = Path(onnx_path)
+    module = build_export_model(module) if isinstance(module, VisionTransformer) else module.float().eval()
+    image_size = module.image_size if isinstance(module, VisionTransformer) else 112
+    model = onnx.load(str(onnx_path))
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    checks: list[dict] = []
+
+    def check(name: str, value, requirement: str, passed: bool, required: bool = True) -> None:
+        checks.append({"check": name, "value": value, "requirement": requirement, "passed": bool(passed),
+                       "required": required})
+
+    feature_dim = _interface_checks(check, session, model)
+    size_mib = _weight_checks(check, model, onnx_path)
+    parity, min_cosine = _parity_checks(check, session, module, image_size, parity_batches, feature_dim)
     latency = _latency_ms(session, image_size, latency_runs) if latency_runs > 0 else None
     if latency is not None:
         check("latency batch 1, this machine (ms)", round(latency["mfr_style_ms"], 3),

@@ -130,3 +130,16 @@ def test_inspect_verify_finds_a_corrupt_record(folders, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"offset {int(row['offset'])}: the image does not decode" in printed
     assert f"offset {int(row['offset'])}: differs from manifest.parquet" in printed
+
+
+def test_pack_and_embed_take_the_same_image_files(tmp_path):
+    from lvface.eval.embed import list_images
+
+    folder = tmp_path / "id_0"
+    folder.mkdir()
+    for name in ("a.jpg", "b.TIF", "c.webp"):
+        Image.fromarray(render_face(1, 0, 0)).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    packed = sorted(os.path.basename(path) for path, _ in packing.scan_sources(str(tmp_path)))
+    names, _ = list_images(tmp_path)
+    assert packed == ["a.jpg", "b.TIF", "c.webp"] and names == [f"id_0/{name}" for name in packed]

@@ -82,6 +82,19 @@ def test_record_bytes_match_the_spec(tmp_path):
     assert idx.read_text() == "7\t0\n8\t40\n"
 
 
+def test_frame_heads_read_what_encode_record_wrote():
+    records = [b"abcde", b"ABCD" + MAGIC + b"EF", b"", b"x" * 1001]
+    framed = [encode_record(record) for record in records]
+    buffer = np.frombuffer(b"".join(framed), dtype=np.uint8)
+    offsets = np.cumsum([0] + [len(f) for f in framed[:-1]])
+    magic, cflag, length = recordio.frame_heads(buffer, offsets)
+    assert magic.tolist() == [recordio.RECORDIO_MAGIC] * 4
+    assert cflag.tolist() == [0, 1, 0, 0] and length.tolist() == [5, 4, 0, 1001]  # part 1 of the cut record
+    for whole in (0, 2, 3):
+        assert recordio.frame_size(int(length[whole])) == len(framed[whole])
+    assert recordio.split_lrecord((3 << 29) | 2) == (3, 2)
+
+
 def test_multi_part_framing_matches_dmlc():
     record = b"ABCD" + MAGIC + b"EF"
     framed = encode_record(record)

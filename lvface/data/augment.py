@@ -2,9 +2,10 @@
 
 Every random choice is drawn here, not inside DALI or a DataLoader worker: the parameters of the
 sample at global position ``p`` of ``epoch`` are a pure function of (seed, epoch, p), computed with a
-counter-based hash (splitmix64), so they do not depend on the world size, the rank, the batch or the
-loader. DALI receives them as per-sample argument inputs; the torch fallback applies the same numbers
-with the same formulas (``apply_torch``), equal to DALI's output within 1 intensity level per stage.
+counter-based hash (splitmix64, lvface/hashing.py), so they do not depend on the world size, the rank,
+the batch or the loader. DALI receives them as per-sample argument inputs; the torch fallback applies
+the same numbers with the same formulas (``apply_torch``), equal to DALI's output within 1 intensity
+level per stage.
 
 Order of the stages (each one is skipped entirely when its probability is 0):
 
@@ -31,8 +32,8 @@ import torch.nn.functional as F
 
 from lvface.config import ConfigError
 from lvface.data.images import IMAGE_SIZE
+from lvface.hashing import fold, splitmix64_array
 
-_MASK64 = (1 << 64) - 1
 MASK_COLOURS = np.array([[232, 232, 236], [150, 192, 226], [38, 38, 44], [172, 172, 176]], np.float32)
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.321], [0.211, -0.523, 0.311]], np.float64)
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
@@ -42,32 +43,10 @@ _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
  _SIGMA, _MASK, _MASK_TOP, _MASK_BOTTOM, _MASK_WIDTH, _MASK_COLOUR) = range(17)
 
 
-def _splitmix(value: int) -> int:
-    value = (value + 0x9E3779B97F4A7C15) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
-
-
-def hash_key(*values: int) -> int:
-    """Fold integers (any sign) into one 64-bit key with splitmix64."""
-    key = 0
-    for value in values:
-        key = _splitmix(key ^ (int(value) & _MASK64))
-    return key
-
-
-def mix64(values: np.ndarray, key: int) -> np.ndarray:
-    """splitmix64 of ``values ^ key`` for a uint64 array (vectorised, wrapping arithmetic)."""
-    z = (values ^ np.uint64(key)) + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
 def uniform(seed: int, epoch: int, positions: np.ndarray, stream: int) -> np.ndarray:
     """U[0, 1) float64 per global position, a pure function of (seed, epoch, position, stream)."""
-    bits = mix64(np.asarray(positions, dtype=np.int64).astype(np.uint64), hash_key(seed, epoch, stream, 0xA11))
+    counters = np.asarray(positions, dtype=np.int64).astype(np.uint64)
+    bits = splitmix64_array(counters, fold(seed, epoch, stream, 0xA11))
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 

@@ -30,12 +30,12 @@ class TrainLoader:
     """Batches of one rank: ``for epoch: loader.set_epoch(epoch); for images, labels in loader``.
 
     images: float32 (B, 3, 112, 112) normalised (x / 255 - 0.5) / 0.5 on ``device``; labels: int64 (B,).
-    ``start_sample`` (global samples of the first epoch already consumed, from ``position()`` of the
-    run that saved it, on any world size) applies to the first pass only.
+    A resumed run passes ``set_epoch`` the saved ``position()`` (global samples of that epoch already
+    consumed, on any world size).
     """
 
     def __init__(self, index: RecordIndex, data_cfg, *, rank: int, world_size: int, seed: int,
-                 device: torch.device, start_sample: int = 0):
+                 device: torch.device):
         self.index = index
         self.spec = AugmentSpec.from_config(data_cfg)
         self.order = GlobalOrder(index.num_images, seed=seed, batch_size=data_cfg.batch_size,
@@ -43,11 +43,10 @@ class TrainLoader:
         if self.order.batches_per_epoch == 0:
             raise ConfigError(f"{index.files[0]}: {index.num_images} images give no batch of data.batch_size="
                               f"{data_cfg.batch_size} per rank on {world_size} ranks: lower data.batch_size")
-        self.order.check_start(start_sample)
         self.seed = int(seed)
         self.device = torch.device(device)
         self.epoch = 0
-        self._start = self._first_start = self._position = int(start_sample)
+        self._start = self._position = 0
         self.bad_records = 0
 
     num_images = property(lambda self: self.index.num_images)
@@ -59,14 +58,11 @@ class TrainLoader:
         """Batches per rank in a whole epoch, equal on every rank (the ragged tail is dropped)."""
         return self.order.batches_per_epoch
 
-    def set_epoch(self, epoch: int, start_sample: int | None = None) -> None:
-        """Start ``epoch`` at global position ``start_sample``; None: the constructor's ``start_sample``
-        the first time, else 0 (a resumed run may also pass the saved position here, after building)."""
-        if start_sample is not None:
-            self.order.check_start(start_sample)
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        """Start ``epoch`` at global position ``start_sample`` (a resumed run's saved ``position()``)."""
+        self.order.check_start(start_sample)
         self.epoch = int(epoch)
-        self._start = self._position = self._first_start if start_sample is None else int(start_sample)
-        self._first_start = 0
+        self._start = self._position = int(start_sample)
 
     def position(self) -> int:
         """Global samples of the current epoch consumed so far (all ranks), counting the batches yielded."""
@@ -78,7 +74,6 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self.epoch, self._start
-        self._first_start = 0
         self._position = start
         for images, labels in self._batches(epoch, start):
             self._position += self.order.global_batch

@@ -7,9 +7,9 @@ position or re-sliced for another world size. Here lvface decides every sample: 
 this rank's image indices, the record bytes are sliced out of the memory-mapped .rec (no copy, no
 parsing: the offsets and payload lengths come from the ``RecordIndex``) and fed to the pipeline with
 ``feed_input``, together with the per-sample augmentation parameters. Measured on a 2-core CPU
-(benchmarks/RESULTS.md, "Data"; CPU pipeline, decode + flip + normalise, equal threads, median of 5):
-feeding 3,273 / 5,167 images/s at 1 / 2 threads, the reader 3,639 / 5,476: the reader is 6-11% faster
-(the run ranges overlap). The cost is the main thread's work per batch of 128: 1.3 ms for the order,
+(benchmarks/results/data-cpu-epyc-2core-2026-11-28.md; CPU pipeline, decode + flip + normalise, equal
+threads, median of 5): feeding 3,273 / 5,167 images/s at 1 / 2 threads, the reader 3,639 / 5,476: the
+reader is 6-11% faster (the run ranges overlap). The cost is the main thread's work per batch of 128: 1.3 ms for the order,
 the augmentation draw and the payload views, 1.4 ms for ``feed_input`` (22 us per image, a ceiling
 near 45,000 images/s per rank on that CPU). We pay it because the reader cannot give the order the
 trainer needs; decoding dominates either way. Header and identity records never reach the decoder

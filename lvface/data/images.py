@@ -17,6 +17,8 @@ IMAGE_SIZE = 112
 """Aligned face crops are IMAGE_SIZE x IMAGE_SIZE pixels."""
 PIXEL_MEAN = PIXEL_STD = 127.5
 """(x - 127.5) / 127.5 == (x / 255 - 0.5) / 0.5, per channel."""
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+"""Files that `lvface pack` and `lvface embed` take from a folder: the formats PIL decodes that face crops come in."""
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from lvface.config import ConfigError
-from lvface.data.recordio import (IR_SIZE, RECORDIO_MAGIC, InsightFaceRecord, RecordIOError,
-                                  decode_record, default_idx_path, unpack)
+from lvface.data.recordio import (IR_SIZE, RECORDIO_MAGIC, InsightFaceRecord, RecordIOError, decode_record,
+                                  default_idx_path, frame_heads, read_u32, unpack)
 from lvface.files import atomic_open
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,6 @@ INDEX_DTYPE = np.dtype([("offset", "<i8"), ("length", "<u4"), ("label", "<i4"), 
                         ("file", "<u2")])
 """One image record: record ``offset`` in file ``file``; the payload starts ``skip`` bytes after it and is
 ``length`` bytes long. ``skip`` 0 marks a multi-part record (read through ``decode_record``)."""
-_LENGTH_MASK = (1 << 29) - 1
 
 
 def resolve_rec_files(path: str | os.PathLike) -> list[str]:
@@ -53,10 +52,6 @@ def resolve_rec_files(path: str | os.PathLike) -> list[str]:
                             f"pack` shards (create data with `lvface synth --out DIR` or `lvface pack`)")
 
 
-def _u32(buffer: np.ndarray, at: np.ndarray) -> np.ndarray:
-    return buffer[at[:, None] + np.arange(4)].view("<u4")[:, 0]
-
-
 def _scan_file(rec_path: str, file_number: int, chunk: int = 1 << 20) -> tuple[np.ndarray, InsightFaceRecord]:
     """Index rows of the image records of one .rec, checking the framing of every record."""
     record = InsightFaceRecord(rec_path)  # checks .idx offsets against the file size; reads the labels
@@ -68,14 +63,13 @@ def _scan_file(rec_path: str, file_number: int, chunk: int = 1 << 20) -> tuple[n
     rows["file"] = file_number
     for begin in range(0, record.num_images, chunk):
         offsets = record.image_offsets[begin:begin + chunk]
-        magic, lrecord = _u32(buffer, offsets), _u32(buffer, offsets + 4)
+        magic, cflag, length = frame_heads(buffer, offsets)
         bad = np.flatnonzero(magic != RECORDIO_MAGIC)
         if bad.size:
             raise RecordIOError(
                 f"{rec_path}: no record at offset {offsets[bad[0]]} (bad magic 0x{magic[bad[0]]:08x}): the .idx "
                 f"does not point at record boundaries of this file; rebuild it with "
                 f"lvface.data.recordio.build_index({rec_path!r})")
-        cflag, length = lrecord >> 29, (lrecord & _LENGTH_MASK).astype(np.int64)
         bad = np.flatnonzero(cflag > 1)
         if bad.size:
             raise RecordIOError(f"{rec_path}: the .idx points into the middle of a multi-part record at offset "
@@ -89,7 +83,7 @@ def _scan_file(rec_path: str, file_number: int, chunk: int = 1 << 20) -> tuple[n
                                 f"file ends at {size}: the .rec is truncated (copy it again, or repack)")
         has_flag = whole & (length >= 4)
         flag = np.zeros(len(offsets), np.int64)
-        flag[has_flag] = _u32(buffer, offsets[has_flag] + 8)
+        flag[has_flag] = read_u32(buffer, offsets[has_flag] + 8)
         skip = 8 + IR_SIZE + 4 * flag
         payload = length - IR_SIZE - 4 * flag
         bad = np.flatnonzero(whole & (payload < 0))

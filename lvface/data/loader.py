@@ -84,8 +84,7 @@ def choose_loader(requested: str, *, device: torch.device, dali_importable: bool
                      f"the matching DALI build for GPU decoding; set data.loader=torch to silence this)")
 
 
-def build_train_loader(data_cfg, *, rank: int, world_size: int, seed: int, device: torch.device,
-                       start_sample: int = 0) -> TrainLoader:
+def build_train_loader(data_cfg, *, rank: int, world_size: int, seed: int, device: torch.device) -> TrainLoader:
     """The training loader of this rank (see ``TrainLoader``), DALI or torch per ``data_cfg.loader``."""
     if not data_cfg.rec:
         raise ConfigError("data.rec is empty; set it to a train.rec file (next to its train.idx) or a folder of "
@@ -105,7 +104,7 @@ def build_train_loader(data_cfg, *, rank: int, world_size: int, seed: int, devic
                                      dali_driver=dali_required_driver() if on_cuda else None)
     if fallback:
         logger.warning("%s", fallback)
-    kwargs = dict(rank=rank, world_size=world_size, seed=seed, device=device, start_sample=start_sample)
+    kwargs = dict(rank=rank, world_size=world_size, seed=seed, device=device)
     if choice == "dali":
         from lvface.data.dali import DaliTrainLoader
 

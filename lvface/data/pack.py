@@ -46,13 +46,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from lvface.data.images import IMAGE_EXTENSIONS
 from lvface.data.recordio import IRHeader, RecordIOWriter
 from lvface.files import atomic_open
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MANIFEST_SCHEMA = pa.schema([("shard", pa.int32()), ("offset", pa.int64()), ("length", pa.int64()),
                              ("label", pa.int32()), ("key", pa.int64()), ("source", pa.string()),
                              ("hash", pa.string()), ("reencoded", pa.bool_())])

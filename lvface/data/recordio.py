@@ -108,6 +108,28 @@ def _lrecord(cflag: int, length: int) -> bytes:
     return struct.pack("<II", RECORDIO_MAGIC, (cflag << _LENGTH_BITS) | length)
 
 
+def split_lrecord(lrecord):
+    """(cflag, length) of a frame's second word; Python ints and numpy uint32 arrays alike."""
+    return lrecord >> _LENGTH_BITS, lrecord & _LENGTH_MASK
+
+
+def frame_size(length: int) -> int:
+    """Bytes of a frame that holds ``length`` record bytes: magic, lrecord, the bytes, zero pad to 4."""
+    return 8 + length + (-length % 4)
+
+
+def read_u32(buffer: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """The little-endian uint32 at each offset ``at`` of a uint8 buffer (vectorised)."""
+    return buffer[np.asarray(at)[:, None] + np.arange(4)].view("<u4")[:, 0]
+
+
+def frame_heads(buffer: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(magic, cflag, length as int64) of the frames at ``offsets`` of a uint8 buffer (each offset + 8
+    within it): what a scan checks before trusting an .idx offset, without a Python loop per record."""
+    cflag, length = split_lrecord(read_u32(buffer, offsets + 4))
+    return read_u32(buffer, offsets), cflag, length.astype(np.int64)
+
+
 def _aligned_magic_positions(record: bytes) -> list[int]:
     """Offsets i % 4 == 0 where the magic word sits in ``record`` (dmlc's writer cuts there)."""
     positions = []
@@ -155,7 +177,7 @@ def decode_record(buffer, offset: int, *, path: str = "<buffer>") -> tuple[bytes
                 f"{path}: bad magic 0x{magic:08x} at offset {position} (expected "
                 f"0x{RECORDIO_MAGIC:08x}); the file is corrupt or the .idx points inside a record "
                 f"(rebuild it with lvface.data.recordio.build_index({path!r}))")
-        cflag, length = lrecord >> _LENGTH_BITS, lrecord & _LENGTH_MASK
+        cflag, length = split_lrecord(lrecord)
         first = position == offset
         if (first and cflag not in (0, 1)) or (not first and cflag not in (2, 3)):
             raise RecordIOError(
@@ -167,7 +189,7 @@ def decode_record(buffer, offset: int, *, path: str = "<buffer>") -> tuple[bytes
                 f"{path}: record at offset {offset} needs {length} bytes at offset {start} but the "
                 f"file ends at {size}; the file is truncated")
         parts.append(buffer[start:start + length])
-        position = start + length + (-length % 4)
+        position += frame_size(length)
         if cflag in (0, 3):
             break
         parts.append(_MAGIC_BYTES)
@@ -311,9 +333,8 @@ class RecordIOWriter:
         with open(self._rec_tmp, "rb") as f:
             f.seek(offset)
             magic, lrecord = struct.unpack("<II", f.read(8))
-        old_length = lrecord & _LENGTH_MASK
-        old_size = 8 + old_length + (-old_length % 4)
-        if magic != RECORDIO_MAGIC or lrecord >> _LENGTH_BITS != 0 or len(framed) != old_size:
+        cflag, old_length = split_lrecord(lrecord)
+        if magic != RECORDIO_MAGIC or cflag != 0 or len(framed) != frame_size(old_length):
             raise RecordIOError(f"{self.rec_path}: the record at offset {offset} cannot be replaced "
                                 "in place by one of another size")
         self._rec_file.seek(offset)
@@ -648,13 +669,8 @@ class InsightFaceRecord:
             offsets = self.image_offsets[start:start + chunk]
             fast = offsets + 36 <= buffer.size
             safe = np.where(fast, offsets, 0)
-
-            def u32(at):
-                return buffer[(safe + at)[:, None] + word].view("<u4")[:, 0]
-
-            magic, lrecord, flag = u32(0), u32(4), u32(8)
-            length = lrecord & _LENGTH_MASK
-            cflag = lrecord >> _LENGTH_BITS
+            magic, cflag, length = frame_heads(buffer, safe)
+            flag = read_u32(buffer, safe + 8)
             fast &= (magic == RECORDIO_MAGIC) & (length >= IR_SIZE + 4 * np.minimum(flag, 1))
             fast &= (cflag == 0) | ((cflag == 1) & (length >= IR_SIZE + 4))
             label_at = np.where(flag > 0, 8 + IR_SIZE, 12)

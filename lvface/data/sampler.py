@@ -3,10 +3,10 @@
 Position ``p`` of epoch ``e`` (0 <= p < N) holds image ``perm_e(p)``. ``perm_e`` is a keyed bijection
 of [0, N): a 6-round balanced Feistel network over the smallest 4^h >= N with cycle walking (apply it
 again while the value is >= N; every cycle of a permutation of the larger domain that starts inside
-[0, N) comes back to it, so this is a permutation of [0, N)). Round keys come from (seed, epoch). It
-is computed for any positions without materialising the permutation: a rank evaluates only its own
-samples (no 340 MB array per rank at WebFace42M scale) and the order is defined by lvface's code, not
-by a numpy version.
+[0, N) comes back to it, so this is a permutation of [0, N)). Round keys come from (seed, epoch)
+through splitmix64 (lvface/hashing.py). It is computed for any positions without materialising the
+permutation: a rank evaluates only its own samples (no 340 MB array per rank at WebFace42M scale) and
+the order is defined by lvface's code, not by a numpy version.
 
 Slicing. With B images per rank and W ranks the global batch is G = B W. A pass that starts at global
 position ``start`` (0 for a fresh epoch) has ``(N - start) // G`` steps; at step k rank r takes
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lvface.data.augment import hash_key, mix64
+from lvface.hashing import fold, splitmix64_array
 
 FEISTEL_ROUNDS = 6
 
@@ -37,12 +37,12 @@ def permute(positions: np.ndarray, num_items: int, seed: int, epoch: int) -> np.
         raise IndexError(f"positions must lie in [0, {num_items})")
     half = _half_bits(num_items)
     mask = np.uint64((1 << half) - 1)
-    keys = [hash_key(seed, epoch, round_index, 0xFE15) for round_index in range(FEISTEL_ROUNDS)]
+    keys = [fold(seed, epoch, round_index, 0xFE15) for round_index in range(FEISTEL_ROUNDS)]
 
     def feistel(values: np.ndarray) -> np.ndarray:
         left, right = values >> np.uint64(half), values & mask
         for key in keys:
-            left, right = right, left ^ (mix64(right, key) & mask)
+            left, right = right, left ^ (splitmix64_array(right, key) & mask)
         return (left << np.uint64(half)) | right
 
     values = feistel(positions.astype(np.uint64))

@@ -133,13 +133,100 @@ def _smooth_field(rng: np.random.Generator, cells: int, size: int, channels: int
 # ----------------------------------------------------------------------------------------------
 
 
+def _draw_head(canvas, rng, skin, hair, cx, cy, head_rx, head_ry, hair_style) -> np.ndarray:
+    """Long hair behind the head, neck, ears, the textured face with moles, hair on top; returns the
+    face's coverage (the beard grows inside it)."""
+    if hair_style == 1:  # long hair behind the head
+        length = rng.uniform(0.4, 1.1)
+        _paint(canvas, _ellipse(cy + head_ry * length * 0.5, cx, head_ry * (0.9 + length * 0.5),
+                                head_rx * rng.uniform(1.15, 1.35)), hair)
+    neck = np.clip((head_rx * 0.55 - np.abs(_XX - cx)) / 1.0 + 0.5, 0, 1) * (_YY > cy + head_ry * 0.6)
+    _paint(canvas, neck, skin * 0.8)
+    # ears, head, jaw
+    ear_y, ear_ry, ear_rx = cy + rng.uniform(-3, 5), rng.uniform(7, 11), rng.uniform(3.5, 7)
+    for side in (-1, 1):
+        _paint(canvas, _ellipse(ear_y, cx + side * head_rx * 0.97, ear_ry, ear_rx), skin * 0.92)
+    head = _ellipse(cy, cx, head_ry, head_rx)
+    jaw_width = rng.uniform(0.65, 1.0)
+    jaw = _ellipse(cy + head_ry * 0.35, cx, head_ry * 0.65, head_rx * jaw_width)
+    face = np.maximum(head * (_YY < cy + head_ry * 0.2), jaw)
+    face = np.maximum(face, head * (jaw_width > 0.85))
+    texture = 1.0 + rng.uniform(0.04, 0.14) * _smooth_field(rng, 6, _CANVAS)[..., 0]
+    skin_layer = skin[None, None, :] * texture[..., None]
+    canvas[..., :3] += face[..., None] * (skin_layer - canvas[..., :3])
+    canvas[..., 3] = np.maximum(canvas[..., 3], face * 255.0)
+    for _ in range(rng.poisson(2.0)):  # moles
+        _paint(canvas, _ellipse(cy + rng.uniform(-20, 30), cx + rng.uniform(-22, 22),
+                                rng.uniform(0.8, 1.8), rng.uniform(0.8, 1.8)) * face, skin * 0.45)
+    if hair_style != 3:  # hair on top
+        hairline = cy - head_ry * rng.uniform(0.25, 0.6) + (12 if hair_style == 2 else 0)
+        slope = rng.uniform(-0.35, 0.35)
+        above = np.clip(hairline + slope * (_XX - cx) - _YY + 0.5, 0, 1)
+        cap = _ellipse(cy - 2, cx, head_ry + rng.uniform(2, 7), head_rx + rng.uniform(1, 5))
+        _paint(canvas, cap * above, hair)
+    return face
+
+
+def _draw_eyes(canvas, rng, hair, cx) -> tuple[float, float, float]:
+    """Eyes and brows; returns (eye_y, eye_dx, eye_rx), where glasses go."""
+    eye_y, eye_dx = 51 + rng.uniform(-4, 5), rng.uniform(13, 21)
+    eye_rx, eye_ry = rng.uniform(4.5, 8), rng.uniform(2.3, 4.5)
+    iris = _IRIS_COLOURS[rng.integers(len(_IRIS_COLOURS))]
+    brow_dy, brow_rx, brow_ry = rng.uniform(6, 11), rng.uniform(6, 10), rng.uniform(1.2, 2.8)
+    brow_tilt = rng.uniform(-0.35, 0.35)
+    for side in (-1, 1):
+        ex = cx + side * eye_dx
+        _paint(canvas, _ellipse(eye_y, ex, eye_ry, eye_rx), (235, 232, 225))
+        _paint(canvas, _ellipse(eye_y, ex, min(eye_ry, 3.2), min(eye_ry, 3.2)), iris)
+        _paint(canvas, _ellipse(eye_y, ex, 1.2, 1.2), (10, 10, 10))
+        _paint(canvas, _ellipse(eye_y - brow_dy, ex, brow_ry, brow_rx, side * brow_tilt), hair * 0.8)
+    return eye_y, eye_dx, eye_rx
+
+
+def _draw_nose(canvas, rng, skin, cx, eye_y) -> float:
+    """Bridge shading and nostrils; returns nose_y."""
+    nose_y, nose_rx = 71 + rng.uniform(-4, 5), rng.uniform(3, 7)
+    _paint(canvas, _ellipse((eye_y + nose_y) / 2, cx, (nose_y - eye_y) / 2, rng.uniform(1.5, 3)),
+           skin * 0.85)
+    for side in (-1, 1):
+        _paint(canvas, _ellipse(nose_y, cx + side * nose_rx * 0.6, 1.6, nose_rx * 0.45), skin * 0.55)
+    return nose_y
+
+
+def _draw_mouth(canvas, rng, hair, face, cx) -> float:
+    """The mouth, a curved band, over a beard sometimes; returns mouth_y."""
+    mouth_y, mouth_w = 90 + rng.uniform(-5, 4), rng.uniform(8, 15)
+    thickness, curve = rng.uniform(1.5, 4.5), rng.uniform(-5, 5)
+    lips = np.array([170, 70, 70]) + rng.uniform(-40, 30, 3)
+    centre_line = mouth_y + curve * ((_XX - cx) / mouth_w) ** 2
+    band = np.clip(thickness / 2 - np.abs(_YY - centre_line) + 0.5, 0, 1)
+    band *= np.clip(mouth_w - np.abs(_XX - cx) + 0.5, 0, 1)
+    if rng.uniform() < 0.25:  # beard
+        beard = face * np.clip(_YY - (mouth_y - 6 + rng.uniform(-4, 4)) + 0.5, 0, 1)
+        _paint(canvas, beard, hair * 0.9)
+    _paint(canvas, band, lips)
+    return mouth_y
+
+
+def _draw_glasses(canvas, rng, hair, cx, eye_y, eye_dx, eye_rx) -> None:
+    if rng.uniform() < 0.15:
+        frame = hair * 0.3 if rng.uniform() < 0.5 else np.array([30, 30, 35])
+        for side in (-1, 1):
+            outer = _ellipse(eye_y, cx + side * eye_dx, eye_rx + 4, eye_rx + 5)
+            inner = _ellipse(eye_y, cx + side * eye_dx, eye_rx + 2.6, eye_rx + 3.6)
+            _paint(canvas, np.clip(outer - inner, 0, 1), frame)
+
+
 class _Identity:
-    """The identity's drawing (RGBA uint8 on the canonical grid) and the landmarks nuisances need."""
+    """The identity's drawing (RGBA uint8 on the canonical grid) and the landmarks nuisances need.
+
+    Every feature draws from one generator in a fixed order (head, eyes, nose, mouth, glasses), so an
+    identity is the same picture in every run and on every machine.
+    """
 
     def __init__(self, seed: int, identity: int):
         rng = np.random.default_rng([seed, _TEMPLATE_STREAM, identity])
         canvas = np.zeros((_CANVAS, _CANVAS, 4), np.float32)
-
         tone = rng.uniform(0, 1)
         skin = np.array([95, 60, 42]) + tone * np.array([150, 150, 140]) + rng.uniform(-18, 18, 3)
         hair = _HAIR_COLOURS[rng.integers(len(_HAIR_COLOURS))] + rng.uniform(-15, 15, 3)
@@ -147,71 +234,11 @@ class _Identity:
         head_rx, head_ry = rng.uniform(29, 40), rng.uniform(38, 50)
         hair_style = rng.integers(4)  # 0 short, 1 long, 2 fringe, 3 bald
 
-        # long hair behind the head and the neck
-        if hair_style == 1:
-            length = rng.uniform(0.4, 1.1)
-            _paint(canvas, _ellipse(cy + head_ry * length * 0.5, cx, head_ry * (0.9 + length * 0.5),
-                                    head_rx * rng.uniform(1.15, 1.35)), hair)
-        neck = np.clip((head_rx * 0.55 - np.abs(_XX - cx)) / 1.0 + 0.5, 0, 1) * (_YY > cy + head_ry * 0.6)
-        _paint(canvas, neck, skin * 0.8)
-        # ears, head, jaw
-        ear_y, ear_ry, ear_rx = cy + rng.uniform(-3, 5), rng.uniform(7, 11), rng.uniform(3.5, 7)
-        for side in (-1, 1):
-            _paint(canvas, _ellipse(ear_y, cx + side * head_rx * 0.97, ear_ry, ear_rx), skin * 0.92)
-        head = _ellipse(cy, cx, head_ry, head_rx)
-        jaw_width = rng.uniform(0.65, 1.0)
-        jaw = _ellipse(cy + head_ry * 0.35, cx, head_ry * 0.65, head_rx * jaw_width)
-        face = np.maximum(head * (_YY < cy + head_ry * 0.2), jaw)
-        face = np.maximum(face, head * (jaw_width > 0.85))
-        texture = 1.0 + rng.uniform(0.04, 0.14) * _smooth_field(rng, 6, _CANVAS)[..., 0]
-        skin_layer = skin[None, None, :] * texture[..., None]
-        canvas[..., :3] += face[..., None] * (skin_layer - canvas[..., :3])
-        canvas[..., 3] = np.maximum(canvas[..., 3], face * 255.0)
-        for _ in range(rng.poisson(2.0)):  # moles
-            _paint(canvas, _ellipse(cy + rng.uniform(-20, 30), cx + rng.uniform(-22, 22),
-                                    rng.uniform(0.8, 1.8), rng.uniform(0.8, 1.8)) * face, skin * 0.45)
-        # hair on top
-        if hair_style != 3:
-            hairline = cy - head_ry * rng.uniform(0.25, 0.6) + (12 if hair_style == 2 else 0)
-            slope = rng.uniform(-0.35, 0.35)
-            above = np.clip(hairline + slope * (_XX - cx) - _YY + 0.5, 0, 1)
-            cap = _ellipse(cy - 2, cx, head_ry + rng.uniform(2, 7), head_rx + rng.uniform(1, 5))
-            _paint(canvas, cap * above, hair)
-        # eyes and brows
-        eye_y, eye_dx = 51 + rng.uniform(-4, 5), rng.uniform(13, 21)
-        eye_rx, eye_ry = rng.uniform(4.5, 8), rng.uniform(2.3, 4.5)
-        iris = _IRIS_COLOURS[rng.integers(len(_IRIS_COLOURS))]
-        brow_dy, brow_rx, brow_ry = rng.uniform(6, 11), rng.uniform(6, 10), rng.uniform(1.2, 2.8)
-        brow_tilt = rng.uniform(-0.35, 0.35)
-        for side in (-1, 1):
-            ex = cx + side * eye_dx
-            _paint(canvas, _ellipse(eye_y, ex, eye_ry, eye_rx), (235, 232, 225))
-            _paint(canvas, _ellipse(eye_y, ex, min(eye_ry, 3.2), min(eye_ry, 3.2)), iris)
-            _paint(canvas, _ellipse(eye_y, ex, 1.2, 1.2), (10, 10, 10))
-            _paint(canvas, _ellipse(eye_y - brow_dy, ex, brow_ry, brow_rx, side * brow_tilt), hair * 0.8)
-        # nose: bridge shading and nostrils
-        nose_y, nose_rx = 71 + rng.uniform(-4, 5), rng.uniform(3, 7)
-        _paint(canvas, _ellipse((eye_y + nose_y) / 2, cx, (nose_y - eye_y) / 2, rng.uniform(1.5, 3)),
-               skin * 0.85)
-        for side in (-1, 1):
-            _paint(canvas, _ellipse(nose_y, cx + side * nose_rx * 0.6, 1.6, nose_rx * 0.45), skin * 0.55)
-        # mouth: a curved band
-        mouth_y, mouth_w = 90 + rng.uniform(-5, 4), rng.uniform(8, 15)
-        thickness, curve = rng.uniform(1.5, 4.5), rng.uniform(-5, 5)
-        lips = np.array([170, 70, 70]) + rng.uniform(-40, 30, 3)
-        centre_line = mouth_y + curve * ((_XX - cx) / mouth_w) ** 2
-        band = np.clip(thickness / 2 - np.abs(_YY - centre_line) + 0.5, 0, 1)
-        band *= np.clip(mouth_w - np.abs(_XX - cx) + 0.5, 0, 1)
-        if rng.uniform() < 0.25:  # beard
-            beard = face * np.clip(_YY - (mouth_y - 6 + rng.uniform(-4, 4)) + 0.5, 0, 1)
-            _paint(canvas, beard, hair * 0.9)
-        _paint(canvas, band, lips)
-        if rng.uniform() < 0.15:  # glasses
-            frame = hair * 0.3 if rng.uniform() < 0.5 else np.array([30, 30, 35])
-            for side in (-1, 1):
-                outer = _ellipse(eye_y, cx + side * eye_dx, eye_rx + 4, eye_rx + 5)
-                inner = _ellipse(eye_y, cx + side * eye_dx, eye_rx + 2.6, eye_rx + 3.6)
-                _paint(canvas, np.clip(outer - inner, 0, 1), frame)
+        face = _draw_head(canvas, rng, skin, hair, cx, cy, head_rx, head_ry, hair_style)
+        eye_y, eye_dx, eye_rx = _draw_eyes(canvas, rng, hair, cx)
+        nose_y = _draw_nose(canvas, rng, skin, cx, eye_y)
+        mouth_y = _draw_mouth(canvas, rng, hair, face, cx)
+        _draw_glasses(canvas, rng, hair, cx, eye_y, eye_dx, eye_rx)
 
         self.rgba = np.clip(canvas, 0, 255).astype(np.uint8)
         self.centre = (cx, cy)

@@ -28,7 +28,6 @@ class VerificationCallback:
         for name, path in zip(verification_set_names(bins), bins):
             images, issame = load_bin(path)
             self.sets.append((name, images, issame))
-        self.history: dict[str, list[tuple[int, float]]] = {name: [] for name, _, _ in self.sets}
 
     def __bool__(self) -> bool:
         return bool(self.sets)
@@ -63,7 +62,6 @@ class VerificationCallback:
                 if self.rank == 0:
                     result = evaluate_pairs(embeddings, issame)
                     results[name] = result
-                    self.history[name].append((step, float(result["accuracy"])))
                     log.info("verification %s at step %d: accuracy %.4f +- %.4f", name, step,
                              result["accuracy"], result["accuracy_std"])
         finally:

@@ -17,13 +17,11 @@ import torch
 from PIL import Image
 
 from lvface.checkpoint_files import load_backbone
-from lvface.data.images import normalize_images
+from lvface.data.images import IMAGE_EXTENSIONS, normalize_images
 from lvface.files import atomic_open
 from lvface.progress import progress
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def pick_device(device: str = "auto") -> torch.device:
