@@ -78,6 +78,12 @@ def test_eval_verify_end_to_end(backbone, tmp_path, caplog):
     assert set(results["tiny"]["tar_at_far"]) == {"0.001", "0.01", "0.1"}
     table = next(r.getMessage() for r in caplog.records if "10-fold" in r.getMessage())
     assert "tiny2" in table and "±" in table and "TAR@FAR=1e-03" in table
+    # arcface_torch's lines, as training logs them; step 0 for a backbone file without train_state.json
+    tiny = results["tiny"]
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("[tiny]")] == [
+        f"[tiny][0]XNorm: {tiny['xnorm']:f}", f"[tiny][0]Accuracy-Flip: {tiny['accuracy']:1.5f}+-{tiny['accuracy_std']:1.5f}",
+        f"[tiny][0]Accuracy-Highest: {tiny['accuracy']:1.5f}"]
+    assert tiny["xnorm"] > 0
 
 
 def test_verify_keys_two_bins_with_one_name_apart(backbone, tmp_path):

@@ -30,13 +30,14 @@ log = logging.getLogger(__name__)
 
 def run_verify(checkpoint: str, bins: list[str], *, model: str | None = None, batch_size: int = 64,
                device: str = "auto") -> dict[str, dict]:
-    """10-fold accuracy, AUC and TAR@FAR of each .bin set: {set name: evaluate_pairs result}. The set
-    name is the file's stem, or a longer part of its path where two files share a stem."""
+    """10-fold accuracy, AUC, TAR@FAR and XNorm of each .bin set: {set name: evaluate_pairs result plus
+    `xnorm` and `path`}. The set name is the file's stem, or a longer part of its path where two files
+    share a stem."""
     from lvface.checkpoint_files import load_backbone
     from lvface.data.verification_bin import load_bin
     from lvface.eval.verification import verification_set_names
     from lvface.eval.embed import build_model_fn, pick_device
-    from lvface.eval.verification import embed_flip_sum, evaluate_pairs
+    from lvface.eval.verification import embed_with_norms, evaluate_pairs, xnorm
 
     names = verification_set_names(bins)  # before the model loads: a listed-twice file fails fast
     backbone = load_backbone(checkpoint, model)
@@ -44,9 +45,26 @@ def run_verify(checkpoint: str, bins: list[str], *, model: str | None = None, ba
     results = {}
     for name, path in zip(names, bins):
         images, issame = load_bin(path, image_size=backbone.module.image_size)
-        embeddings = embed_flip_sum(model_fn, images, batch_size)
-        results[name] = {**evaluate_pairs(embeddings, issame), "path": str(path)}
+        embeddings, norm_sums = embed_with_norms(model_fn, images, batch_size)
+        results[name] = {**evaluate_pairs(embeddings, issame), "xnorm": xnorm(norm_sums), "path": str(path)}
     return results
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    """The training step of an lvface checkpoint (its train_state.json), 0 for a plain backbone file:
+    the `[set][step]` of the arcface_torch-style lines."""
+    import json
+
+    from lvface.checkpoint_files import TRAIN_STATE_FILE, resolve_checkpoint
+
+    path = resolve_checkpoint(checkpoint)
+    state_file = path / TRAIN_STATE_FILE if path.is_dir() else None
+    if state_file is None or not state_file.is_file():
+        return 0
+    try:
+        return int(json.loads(state_file.read_text())["step"])
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"{state_file}: no integer 'step' in it ({error!r}); the checkpoint is damaged") from None
 
 
 def format_verify_table(results: dict[str, dict]) -> str:
@@ -66,7 +84,13 @@ def format_verify_table(results: dict[str, dict]) -> str:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from lvface.eval.verification import arcface_log_lines
+
     results = run_verify(args.checkpoint, args.bin, model=args.model, batch_size=args.batch, device=args.device)
+    step = checkpoint_step(args.checkpoint)
+    for name, result in results.items():  # the lines training logs, so one parser reads both
+        for line in arcface_log_lines(name, step, result, result["accuracy"]):
+            log.info("%s", line)
     log.info("verification (insightface 10-fold protocol, flip-sum embeddings)\n%s", format_verify_table(results))
     if args.json:
         atomic_write_json(args.json, results)
