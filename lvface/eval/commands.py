@@ -2,7 +2,7 @@
 
     lvface eval verify --checkpoint out/checkpoints --bin lfw.bin cfp_fp.bin agedb_30.bin [--json r.json]
     lvface eval ijbc   --checkpoint out/checkpoints --root IJB_release/IJBC [--name IJBC] [--output-dir DIR]
-    lvface embed       --checkpoint backbone.pt --input faces/ --output emb.parquet [--flip]
+    lvface embed       --checkpoint backbone.pt --input faces/ --output emb.parquet [--flip] [--landmarks L]
     lvface export      --checkpoint out/checkpoints --output model.onnx [--opset 17]
 
 --checkpoint takes a checkpoint tag folder, a checkpoints folder (or output_dir) holding `latest`, or
@@ -138,7 +138,7 @@ def _embed(args: argparse.Namespace) -> int:
     from lvface.eval.embed import run_embed
 
     run_embed(args.checkpoint, args.input, args.output, model=args.model, batch_size=args.batch, flip=args.flip,
-              num_workers=args.workers, device=args.device)
+              num_workers=args.workers, device=args.device, landmarks_file=args.landmarks)
     return 0
 
 
@@ -168,11 +168,15 @@ def register(subparsers) -> None:
     ijbc.add_argument("--json", default=None, help="also write the result as JSON here")
     ijbc.set_defaults(func=_ijbc)
 
-    embed = subparsers.add_parser("embed", help="aligned 112x112 face images -> embeddings (.npy or .parquet)")
+    embed = subparsers.add_parser("embed", help="aligned 112x112 face images -> embeddings (.npy or .parquet); "
+                                  "other sizes are skipped and listed in <output>.skipped.txt unless --landmarks aligns them")
     add_checkpoint_args(embed)
     embed.add_argument("--input", required=True, help="folder of aligned images (recursive) or a list file")
     embed.add_argument("--output", required=True, help="out.npy (+ out.paths.txt) or out.parquet (path, embedding)")
     embed.add_argument("--batch", type=int, default=64, help="images per forward pass")
     embed.add_argument("--flip", action="store_true", help="add the mirror image's embedding before normalising")
     embed.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
+    embed.add_argument("--landmarks", default=None,
+                       help="file of '<image> x1 y1 ... x5 y5' lines (eyes, nose, mouth corners): those images are "
+                            "aligned to the ArcFace template first, whatever their size")
     embed.set_defaults(func=_embed)
