@@ -2,6 +2,7 @@
 
     lvface synth --out demo_data                     # the embedded synthetic identities, as RecordIO + .bin
     lvface train --config configs/demo.yaml [k=v]    # one process (use the deepspeed launcher for more)
+    lvface reindex data/train.rec                    # write train.idx again from the .rec
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reindex(args: argparse.Namespace) -> int:
+    from lvface.data.recordio import build_index
+
+    idx_path = build_index(args.rec, args.idx)
+    with open(idx_path, "rb") as f:
+        records = sum(1 for _ in f)
+    print(f"wrote {idx_path}: {records} records of {args.rec}")
+    return 0
+
+
 def _train(rest: list[str]) -> int:
     from lvface.train import cli
 
@@ -47,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--val-identities", type=int, default=100, help="held-out identities for val.bin")
     synth.add_argument("--val-pairs", type=int, default=600, help="verification pairs in val.bin")
     synth.add_argument("--seed", type=int, default=0)
+
+    reindex = sub.add_parser("reindex", help="write a .rec's .idx again (key = record position, as MXNet and "
+                             "insightface number records) when it is missing or belongs to another file")
+    reindex.add_argument("rec", help="the .rec file")
+    reindex.add_argument("--idx", default=None, help="the .idx to write (default: next to the .rec, same stem)")
+    reindex.set_defaults(func=_reindex)
 
     sub.add_parser("train", help="train in this process: lvface train --config FILE [section.key=value ...]",
                    add_help=False)
