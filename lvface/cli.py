@@ -2,6 +2,7 @@
 
     lvface synth --out demo_data                     # the embedded synthetic identities, as RecordIO + .bin
     lvface train --config configs/demo.yaml [k=v]    # one process (use the deepspeed launcher for more)
+    lvface config show --config configs/demo.yaml [k=v]  # the resolved config, each key with its help
     lvface reindex data/train.rec                    # write train.idx again from the .rec
 """
 
@@ -13,9 +14,9 @@ import logging
 import sys
 
 
-# Modules that add subcommands (reshard; eval, embed; export; pack, inspect; plot).
+# Modules that add subcommands (reshard; eval, embed; export; pack, inspect; plot; config show).
 COMMAND_MODULES: list[str] = ["lvface.checkpoint", "lvface.eval.commands", "lvface.export", "lvface.data.pack",
-                              "lvface.plot"]
+                              "lvface.plot", "lvface.config_help"]
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -65,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     reindex.add_argument("--idx", default=None, help="the .idx to write (default: next to the .rec, same stem)")
     reindex.set_defaults(func=_reindex)
 
-    sub.add_parser("train", help="train in this process: lvface train --config FILE [section.key=value ...]",
-                   add_help=False)
+    sub.add_parser("train", help="train in this process: lvface train --config FILE [section.key=value ...] "
+                   "(every key and its help: lvface config show)", add_help=False)
     # Other commands register themselves: each module has register(subparsers), setting args.func.
     import importlib
 
