@@ -2,6 +2,7 @@
 
     lvface eval verify --checkpoint out/checkpoints --bin lfw.bin cfp_fp.bin agedb_30.bin [--json r.json]
     lvface eval ijbc   --checkpoint out/checkpoints --root IJB_release/IJBC [--name IJBC] [--output-dir DIR]
+                       [--protocol 1:1|1:N|both]
     lvface embed       --checkpoint backbone.pt --input faces/ --output emb.parquet [--flip] [--landmarks L]
     lvface export      --checkpoint out/checkpoints --output model.onnx [--opset 17]
 
@@ -106,9 +107,15 @@ def _ijbc(args: argparse.Namespace) -> int:
     from lvface.distributed import detect_launcher
     from lvface.checkpoint_files import load_backbone
     from lvface.eval.embed import build_model_fn, pick_device
+    import numpy as np
+
+    from lvface.eval.ijb_identification import read_identification_meta
     from lvface.eval.ijbc import evaluate_ijb, read_ijb_meta
 
-    meta = read_ijb_meta(args.root, args.name)  # a missing or corrupt meta file fails before the model loads
+    # a missing or corrupt meta file fails before the model loads
+    meta = read_ijb_meta(args.root, args.name)
+    identification = (read_identification_meta(args.root, meta.name, np.unique(meta.templates))
+                      if args.protocol != "1:1" else None)
     rank, world_size, group, device = 0, 1, None, pick_device(args.device)
     if detect_launcher() != "single":
         from lvface.distributed import init_distributed
@@ -123,7 +130,7 @@ def _ijbc(args: argparse.Namespace) -> int:
                           flip=not args.no_flip, detector_score=not args.no_detector_score, rank=rank,
                           world_size=world_size, group=group, device=device, output_dir=output_dir,
                           label=args.label or backbone.variant, image_size=backbone.module.image_size,
-                          meta=meta)
+                          meta=meta, protocol=args.protocol, identification=identification)
     if result is not None and args.json:
         atomic_write_json(args.json, result)
     return 0
@@ -154,10 +161,14 @@ def register(subparsers) -> None:
     verify.add_argument("--json", default=None, help="also write the results as JSON here")
     verify.set_defaults(func=_verify)
 
-    ijbc = eval_sub.add_parser("ijbc", help="IJB-C / IJB-B 1:1 verification: TAR at FAR 1e-6..1e-1, ROC plot")
+    ijbc = eval_sub.add_parser("ijbc", help="IJB-C / IJB-B 1:1 verification (TAR at FAR 1e-6..1e-1, ROC plot) and "
+                               "1:N identification (TPIR at FPIR 1e-2/1e-1, rank-1/5)")
     add_checkpoint_args(ijbc)
     ijbc.add_argument("--root", required=True, help="IJB folder holding meta/ and loose_crop/ (e.g. IJB_release/IJBC)")
     ijbc.add_argument("--name", default="IJBC", type=str.upper, choices=["IJBC", "IJBB"], help="which set")
+    ijbc.add_argument("--protocol", default="1:1", choices=["1:1", "1:N", "both"],
+                      help="1:1 template verification, 1:N open-set identification (needs meta/<name>_1N_*.csv), "
+                           "or both from one embedding pass")
     ijbc.add_argument("--batch", type=int, default=128, help="faces per forward pass (x2 with the mirror images)")
     ijbc.add_argument("--workers", type=int, default=4, help="image-decoding worker processes per rank")
     ijbc.add_argument("--output-dir", default=None,
