@@ -229,7 +229,8 @@ class CheckpointConfig:
     resume: str = ""
     """'' starts fresh, 'auto' resumes from output_dir's latest checkpoint if any, or a checkpoint path."""
     init_backbone: str = ""
-    """A plain backbone state_dict (insightface arcface_torch / LVFace .pt) loaded strictly before training."""
+    """Fine-tune from these backbone weights, loaded strictly before training: a plain state_dict (insightface
+    arcface_torch / LVFace .pt), a .safetensors file, or an lvface checkpoint folder; the head starts fresh."""
 
 
 @dataclass
