@@ -5,7 +5,9 @@
 #   launch/deepspeed_hostfile.sh launch/hostfile.example --config configs/lvface_vit_l_wf42m.yaml
 #   launch/deepspeed_hostfile.sh --dry-run launch/hostfile.example --config configs/lvface_vit_l_wf42m.yaml
 #       # prints the command each node runs (what pdsh would start there); runs nothing
-# LVFACE_DRY_RUN=1 is --dry-run. Exported NCCL_* variables travel through DeepSpeed's .deepspeed_env.
+# LVFACE_DRY_RUN=1 is --dry-run. The dry run also checks passwordless ssh to every host (launch/check_ssh.sh),
+# which the launcher needs; a real run stops before starting anything when a host fails it.
+# Exported NCCL_* variables travel through DeepSpeed's .deepspeed_env.
 set -euo pipefail
 DRY_RUN=${LVFACE_DRY_RUN:-}
 [ "${1:-}" = "--dry-run" ] && { DRY_RUN=1; shift; }
@@ -40,6 +42,8 @@ for node_rank, (host, slots) in enumerate(hosts.items()):
     print(f"[{host}] ranks {rank}..{rank + len(slots) - 1}: {' '.join(c if c == ';' else shlex.quote(c) for c in cmd)}")
     rank += len(slots)
 PY
+    bash "$(dirname "$0")/check_ssh.sh" "$HOSTFILE" || true  # a preview: report, do not fail
     exit 0
 fi
+bash "$(dirname "$0")/check_ssh.sh" "$HOSTFILE" >&2 || exit 1
 exec deepspeed --hostfile "$HOSTFILE" --master_port "$MASTER_PORT" "${TRAIN[@]}"

@@ -7,7 +7,7 @@ that reads backbone weights goes through it: `lvface eval`, `lvface embed`, `lvf
 - an lvface checkpoint tag folder: its `backbone.pt` (a plain fp32 state_dict) when present, else the
   DeepSpeed files gathered to fp32 by DeepSpeed's `zero_to_fp32` (any ZeRO stage);
 - a checkpoints folder holding a `latest` file (lvface's or DeepSpeed's), or the output_dir above it;
-- a plain backbone file (.pt/.pth) from insightface arcface_torch, LVFace or lvface, with or without
+- a plain backbone file (.pt/.pth, or .safetensors) from insightface arcface_torch, LVFace or lvface, with or without
   `module.` / `backbone.` key prefixes or a wrapper dict ({"state_dict": ...}, {"model": ...},
   arcface_torch's resume file {"state_dict_backbone": ...}).
 
@@ -69,12 +69,25 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return stripped
 
 
+def read_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file (`lvface export --format safetensors`, or a published one)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return strip_prefixes(load_file(path, device="cpu"))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable .safetensors file ({error})") from error
+
+
 def read_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A plain backbone state_dict from a .pt file (tensors only; no code is unpickled)."""
+    """A plain backbone state_dict from a .pt file (tensors only; no code is unpickled) or a .safetensors file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"backbone file {path} does not exist")
     verify_file(path)  # against the checkpoint's manifest when the file is part of an lvface checkpoint
+    if path.suffix.lower() == ".safetensors":
+        return read_safetensors_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for non-checkpoint files
@@ -202,7 +215,7 @@ def load_backbone_into(module: torch.nn.Module, checkpoint: str | Path) -> str:
 def add_checkpoint_args(parser, device: bool = True) -> None:
     """--checkpoint / --model (and --device) for every command that reads a backbone."""
     parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint tag folder, checkpoints folder with 'latest', or backbone .pt file")
+                        help="checkpoint tag folder, checkpoints folder with 'latest', or backbone .pt / .safetensors file")
     parser.add_argument("--model", default=None,
                         help="ViT variant (vit_t, vit_s, vit_b, vit_l, vit_h, vit_demo); default: from the "
                              "checkpoint's config.yaml, else inferred from the weights")

@@ -2,6 +2,8 @@
 
     lvface synth --out demo_data                     # the embedded synthetic identities, as RecordIO + .bin
     lvface train --config configs/demo.yaml [k=v]    # one process (use the deepspeed launcher for more)
+    lvface config show --config configs/demo.yaml [k=v]  # the resolved config, each key with its help
+    lvface reindex data/train.rec                    # write train.idx again from the .rec
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import logging
 import sys
 
 
-# Modules that add subcommands (reshard; eval, embed; export; pack, inspect; plot).
+# Modules that add subcommands (reshard; eval, embed; export; pack, inspect; plot; config show).
 COMMAND_MODULES: list[str] = ["lvface.checkpoint", "lvface.eval.commands", "lvface.export", "lvface.data.pack",
-                              "lvface.plot"]
+                              "lvface.plot", "lvface.config_help"]
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -25,6 +27,16 @@ def _synth(args: argparse.Namespace) -> int:
         val_identities=args.val_identities, val_pairs=args.val_pairs, seed=args.seed,
     )
     print(json.dumps(meta, indent=1))
+    return 0
+
+
+def _reindex(args: argparse.Namespace) -> int:
+    from lvface.data.recordio import build_index
+
+    idx_path = build_index(args.rec, args.idx)
+    with open(idx_path, "rb") as f:
+        records = sum(1 for _ in f)
+    print(f"wrote {idx_path}: {records} records of {args.rec}")
     return 0
 
 
@@ -48,8 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--val-pairs", type=int, default=600, help="verification pairs in val.bin")
     synth.add_argument("--seed", type=int, default=0)
 
-    sub.add_parser("train", help="train in this process: lvface train --config FILE [section.key=value ...]",
-                   add_help=False)
+    reindex = sub.add_parser("reindex", help="write a .rec's .idx again (key = record position, as MXNet and "
+                             "insightface number records) when it is missing or belongs to another file")
+    reindex.add_argument("rec", help="the .rec file")
+    reindex.add_argument("--idx", default=None, help="the .idx to write (default: next to the .rec, same stem)")
+    reindex.set_defaults(func=_reindex)
+
+    sub.add_parser("train", help="train in this process: lvface train --config FILE [section.key=value ...] "
+                   "(every key and its help: lvface config show)", add_help=False)
     # Other commands register themselves: each module has register(subparsers), setting args.func.
     import importlib
 

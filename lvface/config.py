@@ -229,7 +229,8 @@ class CheckpointConfig:
     resume: str = ""
     """'' starts fresh, 'auto' resumes from output_dir's latest checkpoint if any, or a checkpoint path."""
     init_backbone: str = ""
-    """A plain backbone state_dict (insightface arcface_torch / LVFace .pt) loaded strictly before training."""
+    """Fine-tune from these backbone weights, loaded strictly before training: a plain state_dict (insightface
+    arcface_torch / LVFace .pt), a .safetensors file, or an lvface checkpoint folder; the head starts fresh."""
 
 
 @dataclass
@@ -395,13 +396,28 @@ def from_dict(data: dict) -> Config:
     return validate(_build(Config, data))
 
 
-def _merge(base: dict, update: dict) -> dict:
+def _merge(base: dict, update: dict, where: str = "") -> dict:
     out = dict(base)
     for key, value in update.items():
+        dotted = f"{where}.{key}" if where else str(key)
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = _merge(out[key], value, dotted)
+        elif isinstance(value, dict) and isinstance(out.get(key), list) and all(isinstance(k, int) for k in value):
+            out[key] = _merge_list(out[key], value, dotted)
         else:
             out[key] = value
+    return out
+
+
+def _merge_list(base: list, update: dict, where: str) -> list:
+    """List-index overrides (`loss.stages.1.prototype_weight=0.3`): {index: value} into a copy of `base`."""
+    out = list(base)
+    for index, value in update.items():
+        if not 0 <= index < len(out):
+            raise ConfigError(f"command-line override '{where}.{index}': {where} has {len(out)} items "
+                              f"(indices 0..{len(out) - 1})")
+        both_maps = isinstance(value, dict) and isinstance(out[index], dict)
+        out[index] = _merge(out[index], value, f"{where}.{index}") if both_maps else value
     return out
 
 
@@ -428,7 +444,7 @@ def parse_overrides(args: list[str]) -> dict:
         except yaml.YAMLError as exc:
             raise ConfigError(f"command-line override '{key}': cannot parse value {raw!r}: {exc}") from exc
         node = nested
-        parts = key.split(".")
+        parts = [int(part) if part.isdigit() else part for part in key.split(".")]  # list indices
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -453,7 +469,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = load_yaml(path) if path else {}
     try:
         if overrides:
-            data = _merge(data, parse_overrides(overrides))
+            # over the defaults, so that a list-index override finds the list the file left at its default
+            base = _merge(Config().to_dict(), data) if isinstance(data, dict) else data
+            data = _merge(base, parse_overrides(overrides))
         return from_dict(data)
     except ConfigError as exc:
         if path:

@@ -1,4 +1,5 @@
-"""ONNX export of the backbone in the form MFR-Ongoing (insightface's face recognition benchmark) takes.
+"""ONNX export of the backbone in the form MFR-Ongoing (insightface's face recognition benchmark) takes;
+and the backbone's weights as .safetensors (`export_safetensors`), the format weights are exchanged in.
 
 The file holds the backbone alone, in eval form (no token masking, no activation checkpointing, no
 stochastic depth, BatchNorm with running statistics), fp32 weights:
@@ -285,11 +286,57 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, model: str 
     return report
 
 
+def export_safetensors(module: torch.nn.Module, output: str | Path, *, variant: str, source: str) -> Path:
+    """Write `module`'s fp32 state_dict (insightface key names, BatchNorm buffers included) as a
+    .safetensors file, with the variant and source in its metadata; written under a temporary name and
+    moved into place. Any lvface command reading a backbone reads it back (`--checkpoint x.safetensors`),
+    as do other frameworks' safetensors loaders."""
+    from safetensors.torch import save
+
+    from lvface.files import atomic_open
+
+    tensors = {key: (value.detach().float() if value.is_floating_point() else value.detach()).cpu().contiguous().clone()
+               for key, value in module.state_dict().items()}
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(output) as handle:
+        handle.write(save(tensors, metadata={"format": "pt", "lvface.model": variant, "lvface.source": source}))
+    return output
+
+
+def export_safetensors_checkpoint(checkpoint: str | Path, output: str | Path, *, model: str | None = None,
+                                  check: bool = True) -> dict:
+    """`lvface export --format safetensors`: any checkpoint -> .safetensors; the check reads the file back
+    through the backbone reader and compares every tensor bit for bit."""
+    from lvface.checkpoint_files import load_backbone, read_state_dict_file
+
+    backbone = load_backbone(checkpoint, model)
+    path = export_safetensors(backbone.module, output, variant=backbone.variant, source=backbone.source)
+    report = {"safetensors": str(path), "model": backbone.variant, "source": backbone.source,
+              "tensors": len(backbone.module.state_dict()), "bytes": path.stat().st_size}
+    if check:
+        expected, got = backbone.module.state_dict(), read_state_dict_file(path)
+        report["passed"] = got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+        log.info("wrote %s: %d tensors of %s (%s), %.1f MiB; read back %s", path, report["tensors"], backbone.variant,
+                 backbone.source, report["bytes"] / 2**20, "equal, bit for bit" if report["passed"] else "DIFFERENT")
+    return report
+
+
+def _export_format(args) -> str:
+    """--format, else the --output extension (.safetensors), else onnx."""
+    if args.format:
+        return args.format
+    return "safetensors" if Path(args.output).suffix.lower() == ".safetensors" else "onnx"
+
+
 def _export_command(args) -> int:
     from lvface.files import atomic_write_json
 
-    report = export_checkpoint(args.checkpoint, args.output, model=args.model, opset=args.opset,
-                               check=not args.no_check, latency_runs=args.latency_runs)
+    if _export_format(args) == "safetensors":
+        report = export_safetensors_checkpoint(args.checkpoint, args.output, model=args.model, check=not args.no_check)
+    else:
+        report = export_checkpoint(args.checkpoint, args.output, model=args.model, opset=args.opset,
+                                   check=not args.no_check, latency_runs=args.latency_runs)
     if args.json:
         atomic_write_json(args.json, report)
     if not args.no_check and not report["passed"]:
@@ -299,14 +346,19 @@ def _export_command(args) -> int:
 
 
 def register(subparsers) -> None:
-    """`lvface export --checkpoint CKPT --output model.onnx`: ONNX for MFR-Ongoing, checked."""
+    """`lvface export --checkpoint CKPT --output model.onnx`: ONNX for MFR-Ongoing, checked; or
+    `--output backbone.safetensors` (`--format safetensors`): the weights, for exchange."""
     from lvface.checkpoint_files import add_checkpoint_args
 
-    export = subparsers.add_parser("export", help="backbone -> ONNX for MFR-Ongoing, with parity and submission checks")
+    export = subparsers.add_parser("export", help="backbone -> ONNX for MFR-Ongoing (parity and submission checks), "
+                                   "or -> .safetensors weights")
     add_checkpoint_args(export, device=False)  # export and its checks run on the CPU
-    export.add_argument("--output", required=True, help="the .onnx file to write")
+    export.add_argument("--output", required=True, help="the .onnx or .safetensors file to write")
+    export.add_argument("--format", choices=["onnx", "safetensors"], default=None,
+                        help="default: safetensors for an --output ending in .safetensors, else onnx")
     export.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (17: first with LayerNormalization)")
-    export.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity and MFR checks")
+    export.add_argument("--no-check", action="store_true",
+                        help="skip the onnxruntime parity and MFR checks (safetensors: the read-back comparison)")
     export.add_argument("--latency-runs", type=int, default=50, help="batch-1 runs timed for the latency line")
     export.add_argument("--json", default=None, help="also write the report as JSON here")
     export.set_defaults(func=_export_command)

@@ -49,7 +49,9 @@ DEFAULT_DS_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "zero2.
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Every config key with its default and help text, and the config a run "
+                                            "would resolve to: lvface config show [--config FILE] [section.key=value ...]")
     parser.add_argument("--config", help="lvface YAML config (defaults apply where it is silent)")
     parser.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default=str(DEFAULT_DS_CONFIG),
                         help="DeepSpeed JSON config; its \"auto\" fields are filled from the lvface config")

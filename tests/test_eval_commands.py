@@ -78,6 +78,12 @@ def test_eval_verify_end_to_end(backbone, tmp_path, caplog):
     assert set(results["tiny"]["tar_at_far"]) == {"0.001", "0.01", "0.1"}
     table = next(r.getMessage() for r in caplog.records if "10-fold" in r.getMessage())
     assert "tiny2" in table and "±" in table and "TAR@FAR=1e-03" in table
+    # arcface_torch's lines, as training logs them; step 0 for a backbone file without train_state.json
+    tiny = results["tiny"]
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("[tiny]")] == [
+        f"[tiny][0]XNorm: {tiny['xnorm']:f}", f"[tiny][0]Accuracy-Flip: {tiny['accuracy']:1.5f}+-{tiny['accuracy_std']:1.5f}",
+        f"[tiny][0]Accuracy-Highest: {tiny['accuracy']:1.5f}"]
+    assert tiny["xnorm"] > 0
 
 
 def test_verify_keys_two_bins_with_one_name_apart(backbone, tmp_path):
@@ -165,14 +171,58 @@ def test_embed_npy_and_parquet(backbone, tmp_path):
     np.testing.assert_allclose(got, flipped[[order.index(0), order.index(3)]], atol=1e-5)
 
 
-def test_embed_refuses_unaligned_images(backbone, tmp_path):
+def test_embed_skips_and_counts_unaligned_images(backbone, tmp_path, caplog):
+    path, module = backbone
     (tmp_path / "faces").mkdir()
-    Image.new("RGB", (100, 120)).save(tmp_path / "faces" / "big.png")
-    args = parse(["embed", "--checkpoint", str(backbone[0]), "--input", str(tmp_path / "faces"), "--output",
-                  str(tmp_path / "e.npy"), "--workers", "0"])
-    with pytest.raises(ValueError, match="big.png.*112x112"):
+    faces = [render_face(5, i, 0) for i in range(3)]
+    for i, face in enumerate(faces):
+        Image.fromarray(face).save(tmp_path / "faces" / f"{i}.png")
+    Image.new("RGB", (150, 150), (90, 60, 30)).save(tmp_path / "faces" / "big.png")
+    (tmp_path / "faces" / "broken.jpg").write_bytes(b"not a jpeg")
+    args = parse(["embed", "--checkpoint", str(path), "--input", str(tmp_path / "faces"), "--output",
+                  str(tmp_path / "e.npy"), "--workers", "2", "--batch", "2"])
+    with caplog.at_level(logging.INFO):
+        assert args.func(args) == 0
+    names = (tmp_path / "e.paths.txt").read_text().split()
+    assert names == ["0.png", "1.png", "2.png"]
+    images = torch.from_numpy(np.stack(faces)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(module(normalize_images(images)), dim=1).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), expected, atol=1e-5)
+    skipped = (tmp_path / "e.skipped.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in skipped] == ["big.png", "broken.jpg"]
+    assert "150x150 pixels, not an aligned 112x112 crop" in skipped[0] and "cannot read" in skipped[1]
+    assert any("skipped 2 of 5 images" in r.getMessage() for r in caplog.records)
+
+    # with its 5 landmarks the 150x150 image is aligned and embedded: equal to aligning it by hand
+    from lvface.eval.ijbc import ARCFACE_TEMPLATE, align_face
+
+    loose = np.asarray(Image.open(tmp_path / "faces" / "big.png").convert("RGB"))
+    points = ARCFACE_TEMPLATE * 1.2 + 5
+    (tmp_path / "lm.txt").write_text("big.png " + " ".join(f"{v:.4f}" for v in points.ravel()) + "\n")
+    args = parse(["embed", "--checkpoint", str(path), "--input", str(tmp_path / "faces"), "--output",
+                  str(tmp_path / "l.npy"), "--workers", "0", "--landmarks", str(tmp_path / "lm.txt")])
+    assert args.func(args) == 0
+    names = (tmp_path / "l.paths.txt").read_text().split()
+    assert names == ["0.png", "1.png", "2.png", "big.png"]
+    aligned = align_face(loose, np.array([float(f"{v:.4f}") for v in points.ravel()], np.float32).reshape(5, 2))
+    with torch.no_grad():
+        big = torch.nn.functional.normalize(module(normalize_images(torch.from_numpy(aligned).permute(2, 0, 1)[None])), dim=1)
+    np.testing.assert_allclose(np.load(tmp_path / "l.npy")[3], big[0].numpy(), atol=1e-5)
+    assert (tmp_path / "l.skipped.txt").read_text().split("\t")[0] == "broken.jpg"
+
+    (tmp_path / "bad_lm.txt").write_text("nope.png " + " ".join(["1"] * 10) + "\n")
+    args = parse(["embed", "--checkpoint", str(path), "--input", str(tmp_path / "faces"), "--output",
+                  str(tmp_path / "x.npy"), "--landmarks", str(tmp_path / "bad_lm.txt")])
+    with pytest.raises(ValueError, match="bad_lm.txt:1: image 'nope.png'"):
         args.func(args)
-    args = parse(["embed", "--checkpoint", str(backbone[0]), "--input", str(tmp_path / "faces"), "--output",
+    (tmp_path / "only").mkdir()
+    Image.new("RGB", (100, 120)).save(tmp_path / "only" / "big.png")
+    args = parse(["embed", "--checkpoint", str(path), "--input", str(tmp_path / "only"), "--output",
+                  str(tmp_path / "o.npy"), "--workers", "0"])
+    with pytest.raises(ValueError, match="none of the 1 images"):
+        args.func(args)
+    args = parse(["embed", "--checkpoint", str(path), "--input", str(tmp_path / "faces"), "--output",
                   str(tmp_path / "e.csv")])
     with pytest.raises(ValueError, match=r"\.npy or \.parquet"):
         args.func(args)

@@ -229,3 +229,51 @@ def test_build_export_model_is_eval_form():
     assert not export_model.training and export_model.mask_ratio == 0 and not export_model.using_checkpoint
     assert export_model.args.attn_impl == "math" and export_model.args.drop_path_rate == 0
     assert module.training and module.mask_ratio == 0.05  # the original is untouched
+
+
+# ---------------------------------------------------------------------------------------------
+# .safetensors out and in
+# ---------------------------------------------------------------------------------------------
+
+
+def test_safetensors_round_trip_through_a_real_file(tmp_path):
+    from safetensors import safe_open
+
+    import lvface.cli
+    from lvface.checkpoint_files import load_backbone_into
+
+    torch.manual_seed(0)
+    module = build_vit("vit_demo")
+    warm_batchnorm(module)
+    module.eval()
+    torch.save({f"module.{k}": v for k, v in module.state_dict().items()}, tmp_path / "backbone.pt")
+    out = tmp_path / "w" / "backbone.safetensors"
+    assert lvface.cli.main(["export", "--checkpoint", str(tmp_path / "backbone.pt"), "--output", str(out),
+                            "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] and report["model"] == "vit_demo" and report["safetensors"] == str(out)
+    # the file, read by safetensors itself: every tensor and buffer, bit for bit, and the metadata
+    with safe_open(str(out), framework="pt") as handle:
+        assert handle.metadata()["lvface.model"] == "vit_demo"
+        stored = {key: handle.get_tensor(key) for key in handle.keys()}
+    expected = module.state_dict()
+    assert stored.keys() == expected.keys()
+    assert all(torch.equal(stored[k], expected[k]) and stored[k].dtype == expected[k].dtype for k in expected)
+    # read back wherever a backbone is read: eval/embed/export (load_backbone) and training's init_backbone
+    loaded = load_backbone(out)
+    x = torch.randn(3, 3, 112, 112)
+    with torch.no_grad():
+        assert torch.equal(loaded.module(x), module(x))
+    fresh = build_vit("vit_demo")
+    assert "backbone file" in load_backbone_into(fresh, out)
+    assert all(torch.equal(fresh.state_dict()[k], expected[k]) for k in expected)
+    # --format names it whatever the extension; a damaged file is named in the error
+    assert lvface.cli.main(["export", "--checkpoint", str(out), "--output", str(tmp_path / "again.weights"),
+                            "--format", "safetensors", "--no-check"]) == 0
+    from safetensors.torch import load_file
+
+    again = load_file(str(tmp_path / "again.weights"))
+    assert all(torch.equal(again[k], expected[k]) for k in expected) and again.keys() == expected.keys()
+    (tmp_path / "bad.safetensors").write_bytes(out.read_bytes()[:100])
+    with pytest.raises(ValueError, match="bad.safetensors: not a readable .safetensors file"):
+        load_backbone(tmp_path / "bad.safetensors")

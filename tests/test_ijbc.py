@@ -104,7 +104,7 @@ def make_mini_ijb(root: Path, name: str = "IJBC", identities: int = 4, templates
     prefix = name.lower()
     (root / "meta" / f"{prefix}_name_5pts_score.txt").write_text("\n".join(faces) + "\n")
     (root / "meta" / f"{prefix}_face_tid_mid.txt").write_text("\n".join(ids) + "\n")
-    (root / "meta" / f"{prefix}_template_pair_label.txt").write_text("".join(f"{a} {b} {l}\n" for a, b, l in pairs))
+    (root / "meta" / f"{prefix}_template_pair_label.txt").write_text("".join(f"{a} {b} {same}\n" for a, b, same in pairs))
     return {"originals": np.stack(originals), "identity": np.array(identity_of), "scores": np.array(scores),
             "pairs": pairs, "template_identity": template_identity}
 
@@ -273,7 +273,7 @@ def test_read_meta(mini_ijb):
     assert meta.landmarks.shape == (len(truth["identity"]), 5, 2)
     np.testing.assert_allclose(meta.face_scores, truth["scores"], rtol=1e-6)
     assert meta.pair_templates.shape == (len(truth["pairs"]), 2)
-    assert meta.pair_labels.tolist() == [bool(l) for _, _, l in truth["pairs"]]
+    assert meta.pair_labels.tolist() == [bool(same) for _, _, same in truth["pairs"]]
 
 
 def _copy_root(src: Path, dst: Path) -> Path:
@@ -343,8 +343,8 @@ def reference_tar_at_far(labels, scores, fars):
     labels, scores = list(map(bool, labels)), list(map(float, scores))
     points = []
     for threshold in sorted(set(scores), reverse=True):
-        tp = sum(1 for s, l in zip(scores, labels) if s >= threshold and l)
-        fp = sum(1 for s, l in zip(scores, labels) if s >= threshold and not l)
+        tp = sum(1 for s, same in zip(scores, labels) if s >= threshold and same)
+        fp = sum(1 for s, same in zip(scores, labels) if s >= threshold and not same)
         points.append((fp, tp))
     kept = [points[0]]
     for i in range(1, len(points) - 1):

@@ -263,7 +263,7 @@ def test_missing_files(tmp_path):
         InsightFaceRecord(layout.rec_path)
     message = str(error.value)
     assert f"{tmp_path}/train.idx not found next to {layout.rec_path}" in message
-    assert "build_index" in message
+    assert f"`lvface reindex {layout.rec_path}`" in message
 
 
 def test_truncated_and_corrupt_files(tmp_path):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import logging
+import re
 import os
 import pickle
 
@@ -242,3 +244,84 @@ def test_auc_and_tar_at_far_against_brute_force():
 def test_evaluate_pairs_rejects_bad_shapes():
     with pytest.raises(ValueError, match="2 \\* num_pairs"):
         evaluate_pairs(np.ones((5, 4)), np.ones(3, bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# arcface_torch's log lines: XNorm, Accuracy-Flip, Accuracy-Highest
+# ---------------------------------------------------------------------------------------------
+
+ARCFACE_LINE = re.compile(r"^\[(?P<name>[\w/]+)\]\[(?P<step>\d+)\](?:XNorm: (?P<xnorm>\d+\.\d{6})|"
+                          r"Accuracy-Flip: (?P<acc>\d\.\d{5})\+-(?P<std>\d\.\d{5})|Accuracy-Highest: (?P<best>\d\.\d{5}))$")
+
+
+def _tiny_bin(path, seed: int = 6, pairs: int = 12) -> str:
+    from lvface.data.synthetic import render_face
+    from lvface.data.verification_bin import write_bin
+
+    jpegs = []
+    for pair in range(pairs):
+        for image in (render_face(seed, pair, 0), render_face(seed, pair if pair % 2 == 0 else pair + 100, 1)):
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+            jpegs.append(buffer.getvalue())
+    write_bin(str(path), jpegs, [pair % 2 == 0 for pair in range(pairs)])
+    return str(path)
+
+
+def _parse_arcface_lines(messages: list[str]) -> list[dict]:
+    parsed = [ARCFACE_LINE.match(message) for message in messages if message.startswith("[")]
+    assert all(parsed), messages
+    return [{k: v for k, v in m.groupdict().items() if v is not None} for m in parsed]
+
+
+def test_callback_logs_arcface_lines_with_xnorm_and_best_so_far(tmp_path, caplog):
+    from lvface.data.verification_bin import load_bin
+    from lvface.eval.callback import VerificationCallback
+
+    path = _tiny_bin(tmp_path / "lfw.bin")
+    callback = VerificationCallback([path], 4, rank=0, world_size=1, group=None, device="cpu")
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 8))
+    accuracies = {}
+    with caplog.at_level(logging.INFO, logger="lvface.eval.callback"):
+        for step in (3, 7, 9):
+            if step == 7:  # weights that score worse: Accuracy-Highest keeps the earlier best
+                with torch.no_grad():
+                    module[2].weight.mul_(0).add_(torch.randn_like(module[2].weight))
+            accuracies[step] = callback(module, step=step)["lfw"]["accuracy"]
+    lines = _parse_arcface_lines([r.getMessage() for r in caplog.records])
+    assert [(line["name"], int(line["step"])) for line in lines] == [("lfw", s) for s in (3, 3, 3, 7, 7, 7, 9, 9, 9)]
+    # XNorm: the mean norm of the raw embeddings of all images and their mirrors (float64 reference)
+    images, _ = load_bin(path)
+    x = normalize_images(images).double()
+    with torch.no_grad():
+        module_64 = module.double()
+        norms = torch.cat([module_64(x).norm(dim=1), module_64(x.flip(3)).norm(dim=1)])
+        module.float()
+    assert float(lines[-3]["xnorm"]) == pytest.approx(norms.mean().item(), rel=1e-5)
+    for index, step in enumerate((3, 7, 9)):
+        assert float(lines[3 * index + 1]["acc"]) == pytest.approx(accuracies[step], abs=5e-6)
+        best = max(accuracies[s] for s in (3, 7, 9) if s <= step)
+        assert float(lines[3 * index + 2]["best"]) == pytest.approx(best, abs=5e-6)
+    assert accuracies[7] < accuracies[3]  # the case the best-so-far is for did happen
+    assert callback.highest["lfw"] == max(accuracies.values())
+
+
+def _callback_on_ranks(rank, world_size, group, path):
+    from lvface.eval.callback import VerificationCallback
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 8))
+    callback = VerificationCallback([path], 4, rank=rank, world_size=world_size, group=group, device="cpu")
+    return callback(module, step=1)
+
+
+def test_callback_xnorm_over_ranks_equals_one_process(tmp_path):
+    from dist_utils import run_on_ranks
+
+    path = _tiny_bin(tmp_path / "odd.bin", pairs=11)  # 22 images: 3 ranks get 8, 8 and 6 (padded)
+    single = _callback_on_ranks(0, 1, None, path)["odd"]
+    results = run_on_ranks(_callback_on_ranks, 3, path)
+    assert results[1] == {} and results[2] == {}
+    assert results[0]["odd"]["xnorm"] == pytest.approx(single["xnorm"], rel=1e-6)
+    assert results[0]["odd"]["accuracy"] == single["accuracy"]

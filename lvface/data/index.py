@@ -69,11 +69,11 @@ def _scan_file(rec_path: str, file_number: int, chunk: int = 1 << 20) -> tuple[n
             raise RecordIOError(
                 f"{rec_path}: no record at offset {offsets[bad[0]]} (bad magic 0x{magic[bad[0]]:08x}): the .idx "
                 f"does not point at record boundaries of this file; rebuild it with "
-                f"lvface.data.recordio.build_index({rec_path!r})")
+                f"`lvface reindex {rec_path}`")
         bad = np.flatnonzero(cflag > 1)
         if bad.size:
             raise RecordIOError(f"{rec_path}: the .idx points into the middle of a multi-part record at offset "
-                                f"{offsets[bad[0]]}; rebuild it with lvface.data.recordio.build_index({rec_path!r})")
+                                f"{offsets[bad[0]]}; rebuild it with `lvface reindex {rec_path}`")
         whole = cflag == 0
         end = offsets + 8 + length
         bad = np.flatnonzero(whole & (end > size))
@@ -119,7 +119,7 @@ class RecordIndex:
         for path in files:
             if not os.path.isfile(default_idx_path(path)):
                 raise FileNotFoundError(f"{default_idx_path(path)} not found next to {path}: every .rec needs its "
-                                        f".idx; rebuild it with lvface.data.recordio.build_index({path!r})")
+                                        f".idx; rebuild it with `lvface reindex {path}`")
         rows, meta = _load_cached(files) if cache else (None, None)
         if rows is None:
             rows, meta = cls._scan(files)

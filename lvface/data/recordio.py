@@ -26,6 +26,7 @@ import array
 import logging
 import mmap
 import os
+import re
 import struct
 from typing import Iterable, Iterator, NamedTuple
 
@@ -170,13 +171,13 @@ def decode_record(buffer, offset: int, *, path: str = "<buffer>") -> tuple[bytes
             raise RecordIOError(
                 f"{path}: record at offset {offset} runs past the end of the file ({size} bytes) "
                 f"at offset {position}; the file is truncated, or the .idx belongs to another "
-                f".rec (rebuild it with lvface.data.recordio.build_index({path!r}))")
+                f".rec (rebuild it with `lvface reindex {path}`)")
         magic, lrecord = struct.unpack_from("<II", buffer, position)
         if magic != RECORDIO_MAGIC:
             raise RecordIOError(
                 f"{path}: bad magic 0x{magic:08x} at offset {position} (expected "
                 f"0x{RECORDIO_MAGIC:08x}); the file is corrupt or the .idx points inside a record "
-                f"(rebuild it with lvface.data.recordio.build_index({path!r}))")
+                f"(rebuild it with `lvface reindex {path}`)")
         cflag, length = split_lrecord(lrecord)
         first = position == offset
         if (first and cflag not in (0, 1)) or (not first and cflag not in (2, 3)):
@@ -258,7 +259,7 @@ def _parse_idx(idx_path: str) -> tuple[np.ndarray, np.ndarray]:
             except ValueError:
                 raise RecordIOError(
                     f"{idx_path}: line {line_number} is {line[:80]!r}, expected 'key<TAB>offset'; "
-                    f"rebuild the index with lvface.data.recordio.build_index(<rec>)") from None
+                    f"rebuild the index with `lvface reindex <the .rec>`") from None
             pairs.append((key, offset))
         values = np.array(pairs, dtype=np.int64).reshape(-1)
     pairs = values.reshape(-1, 2)
@@ -279,7 +280,15 @@ def build_index(rec_path: str, idx_path: str | None = None) -> str:
     if not os.path.isfile(rec_path):
         raise FileNotFoundError(f"no such file {rec_path!r}: cannot build an index for it")
     idx_path = idx_path or default_idx_path(rec_path)
-    offsets = array.array("q", (offset for offset, _ in iter_records(rec_path)))
+    offsets = array.array("q")
+    try:
+        offsets.extend(offset for offset, _ in iter_records(rec_path))
+    except RecordIOError as error:
+        # the scan reads the .rec alone, so the reader's advice to re-index does not apply here
+        reason = re.sub(r",? ?(or the \.idx[^;(]*)?\(?rebuild it with `lvface reindex [^`]*`\)?", "", str(error))
+        raise RecordIOError(f"{rec_path} itself is damaged after {len(offsets)} intact records, so no index "
+                            f"can be built for it: {reason}. Copy or write the .rec again (lvface pack, "
+                            f"lvface synth)") from None
     _write_idx_atomic(idx_path, range(len(offsets)), offsets)
     logger.info("indexed %d records of %s into %s", len(offsets), rec_path, idx_path)
     return idx_path
@@ -414,19 +423,19 @@ class RecordIOReader:
         if not os.path.isfile(self.idx_path):
             raise FileNotFoundError(
                 f"{self.idx_path} not found next to {self.rec_path}: every .rec needs its .idx; "
-                f"rebuild it with lvface.data.recordio.build_index({self.rec_path!r})")
+                f"rebuild it with `lvface reindex {self.rec_path}`")
         self._keys, self._offsets = _parse_idx(self.idx_path)
         self.file_size = os.path.getsize(self.rec_path)
         if len(np.unique(self._keys)) != len(self._keys):
             raise RecordIOError(f"{self.idx_path}: the same key appears twice; rebuild the index "
-                                f"with lvface.data.recordio.build_index({self.rec_path!r})")
+                                f"with `lvface reindex {self.rec_path}`")
         bad = np.flatnonzero((self._offsets < 0) | (self._offsets + 8 > self.file_size))
         if bad.size:
             raise RecordIOError(
                 f"{self.rec_path}: key {self._keys[bad[0]]} is at offset {self._offsets[bad[0]]}, "
                 f"past the end of the file ({self.file_size} bytes); the .rec is truncated or "
                 f"{self.idx_path} belongs to another file (rebuild it with "
-                f"lvface.data.recordio.build_index({self.rec_path!r}))")
+                f"`lvface reindex {self.rec_path}`)")
         # key -> row: direct when keys are 0..n-1 in order (the usual case), else a sorted lookup
         self._dense = bool(np.array_equal(self._keys, np.arange(len(self._keys))))
         self._sorted_rows = None if self._dense else np.argsort(self._keys, kind="stable")
@@ -630,7 +639,7 @@ class InsightFaceRecord:
             raise RecordIOError(
                 f"{self.rec_path}: the header record says the images are keys 1..{len(self.image_keys)}"
                 f" but {self.reader.idx_path} lacks some of them; rebuild it with "
-                f"lvface.data.recordio.build_index({self.rec_path!r})") from None
+                f"`lvface reindex {self.rec_path}`") from None
         self.labels = self._read_labels()
         if not self.has_header:
             self.num_classes = int(self.labels.max()) + 1 if self.labels.size else 0

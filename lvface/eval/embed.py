@@ -68,44 +68,86 @@ def list_images(source: str | Path) -> tuple[list[str], list[Path]]:
     return names, files
 
 
-class AlignedImageFiles(torch.utils.data.Dataset):
-    """Aligned square face crops -> uint8 (3, S, S) RGB tensors."""
+def read_landmarks_file(path: str | Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """`--landmarks FILE`: "<image name as listed> x1 y1 ... x5 y5" per line (eyes, nose tip, mouth
+    corners in the image's pixels, the IJB meta file's layout without the score) -> {name: (5, 2)}.
+    Names not among `names` are an error naming the line (a typo would silently skip the alignment)."""
+    path, known, landmarks = Path(path), set(names), {}
+    if not path.is_file():
+        raise FileNotFoundError(f"--landmarks {path}: no such file")
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        try:
+            points = np.array([float(v) for v in fields[1:]], np.float32)
+        except ValueError:
+            points = np.zeros(0, np.float32)
+        if points.size != 10 or not np.isfinite(points).all():
+            raise ValueError(f"{path}:{number}: expected '<image> x1 y1 x2 y2 x3 y3 x4 y4 x5 y5', got {line.strip()[:80]!r}")
+        if fields[0] not in known:
+            raise ValueError(f"{path}:{number}: image {fields[0]!r} is not among the --input images "
+                             "(name it as the output lists it: relative to the folder, or as in the list file)")
+        landmarks[fields[0]] = points.reshape(5, 2)
+    return landmarks
 
-    def __init__(self, files: Sequence[Path], image_size: int = 112) -> None:
+
+class AlignedImageFiles(torch.utils.data.Dataset):
+    """Face images -> (uint8 (3, S, S) RGB tensor, "" or why the image is skipped).
+
+    An image of S x S pixels is taken as aligned; one with landmarks is aligned with them (the ArcFace
+    5-point template, as IJB evaluation aligns); anything else, or a file that cannot be decoded, is
+    returned as a black image with the reason, so that one bad file does not end the whole job."""
+
+    def __init__(self, files: Sequence[Path], image_size: int = 112,
+                 landmarks: Sequence[np.ndarray | None] | None = None) -> None:
         self.files, self.image_size = list(files), image_size
+        self.landmarks = list(landmarks) if landmarks is not None else [None] * len(self.files)
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        path = self.files[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        path, size = self.files[index], self.image_size
         try:
             with Image.open(path) as image:
                 pixels = np.array(image.convert("RGB"))
         except (OSError, ValueError) as error:
-            raise ValueError(f"{path}: cannot read the image ({error})") from error
-        if pixels.shape[:2] != (self.image_size, self.image_size):
-            raise ValueError(f"{path}: {pixels.shape[1]}x{pixels.shape[0]} pixels; lvface embed takes aligned "
-                             f"{self.image_size}x{self.image_size} face crops (align them first)")
-        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # (3, S, S)
+            return torch.zeros(3, size, size, dtype=torch.uint8), f"cannot read the image ({error})"
+        if self.landmarks[index] is not None:
+            from lvface.eval.ijbc import align_face
+
+            pixels = align_face(pixels, self.landmarks[index], size)
+        elif pixels.shape[:2] != (size, size):
+            return (torch.zeros(3, size, size, dtype=torch.uint8),
+                    f"{pixels.shape[1]}x{pixels.shape[0]} pixels, not an aligned {size}x{size} crop")
+        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), ""  # (3, S, S)
 
 
 def embed_images(model_fn: Callable[[torch.Tensor], torch.Tensor], files: Sequence[Path], *,
-                 batch_size: int = 64, flip: bool = False, num_workers: int = 0,
-                 image_size: int = 112) -> np.ndarray:
-    """L2-normalised float32 embeddings (n, D) of aligned images; with `flip`, of each image's
+                 batch_size: int = 64, flip: bool = False, num_workers: int = 0, image_size: int = 112,
+                 landmarks: Sequence[np.ndarray | None] | None = None) -> tuple[np.ndarray, dict[int, str]]:
+    """(L2-normalised float32 embeddings (n_kept, D) of the images that were aligned or could be
+    aligned, {index in `files`: why it was skipped} for the others); with `flip`, of each image's
     embedding plus its horizontal mirror's (the verification convention)."""
-    loader = torch.utils.data.DataLoader(AlignedImageFiles(files, image_size), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(AlignedImageFiles(files, image_size, landmarks), batch_size=batch_size,
                                          num_workers=num_workers, shuffle=False)
-    outputs = []
+    outputs, skipped, offset = [], {}, 0
     with torch.no_grad():
-        for images in progress(loader, desc="embed", unit="batch"):
-            batch = normalize_images(images)  # (B, 3, S, S) in [-1, 1]
+        for images, reasons in progress(loader, desc="embed", unit="batch"):
+            keep = [i for i, reason in enumerate(reasons) if not reason]
+            skipped.update({offset + i: reason for i, reason in enumerate(reasons) if reason})
+            offset += len(reasons)
+            if not keep:
+                continue
+            batch = normalize_images(images[keep])  # (B, 3, S, S) in [-1, 1]
             features = model_fn(batch).float()
             if flip:
                 features = features + model_fn(torch.flip(batch, dims=[3])).float()
             outputs.append(torch.nn.functional.normalize(features, dim=1).numpy())
-    return np.concatenate(outputs).astype(np.float32, copy=False)
+    if not outputs:
+        return np.zeros((0, 0), np.float32), skipped
+    return np.concatenate(outputs).astype(np.float32, copy=False), skipped
 
 
 def write_embeddings(output: str | Path, names: Sequence[str], embeddings: np.ndarray) -> list[Path]:
@@ -136,17 +178,34 @@ def write_embeddings(output: str | Path, names: Sequence[str], embeddings: np.nd
 
 
 def run_embed(checkpoint: str, source: str, output: str, *, model: str | None = None, batch_size: int = 64,
-              flip: bool = False, num_workers: int = 0, device: str = "auto") -> list[Path]:
-    """`lvface embed`: checkpoint + aligned images -> embeddings file(s)."""
+              flip: bool = False, num_workers: int = 0, device: str = "auto",
+              landmarks_file: str | None = None) -> list[Path]:
+    """`lvface embed`: checkpoint + images -> embeddings file(s). Images that are not aligned crops
+    (and have no landmarks) or cannot be read are skipped, counted, and listed with the reason in
+    `<output stem>.skipped.txt`; the job fails only when no image is left."""
     if Path(output).suffix.lower() not in (".npy", ".parquet"):
         raise ValueError(f"--output {output}: the extension must be .npy or .parquet")
     names, files = list_images(source)
+    points = read_landmarks_file(landmarks_file, names) if landmarks_file else {}
     backbone = load_backbone(checkpoint, model)
     model_fn = build_model_fn(backbone.module, pick_device(device))
-    image_size = backbone.module.image_size
-    embeddings = embed_images(model_fn, files, batch_size=batch_size, flip=flip, num_workers=num_workers,
-                              image_size=image_size)
-    written = write_embeddings(output, names, embeddings)
-    log.info("embedded %d images (%s, flip=%s) -> %s", len(files), backbone.variant, flip,
-             ", ".join(str(p) for p in written))
+    embeddings, skipped = embed_images(model_fn, files, batch_size=batch_size, flip=flip, num_workers=num_workers,
+                                       image_size=backbone.module.image_size,
+                                       landmarks=[points.get(name) for name in names])
+    skipped_file = Path(output).with_suffix(".skipped.txt")
+    if skipped:
+        skipped_file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(skipped_file, "w", encoding="utf-8") as handle:
+            handle.write("".join(f"{names[i]}\t{reason}\n" for i, reason in sorted(skipped.items())))
+        first = ", ".join(f"{names[i]} ({reason})" for i, reason in sorted(skipped.items())[:3])
+        log.warning("skipped %d of %d images (listed in %s): %s%s; align them first or give their 5 landmarks "
+                    "with --landmarks", len(skipped), len(files), skipped_file, first, ", ..." if len(skipped) > 3 else "")
+    elif skipped_file.exists():
+        skipped_file.unlink()  # an earlier run's list would describe other images
+    if len(skipped) == len(files):
+        raise ValueError(f"--input {source}: none of the {len(files)} images could be embedded (see {skipped_file})")
+    kept = [name for i, name in enumerate(names) if i not in skipped]
+    written = write_embeddings(output, kept, embeddings)
+    log.info("embedded %d images (%s, flip=%s, %d aligned with landmarks, %d skipped) -> %s", len(kept),
+             backbone.variant, flip, len(points), len(skipped), ", ".join(str(p) for p in written))
     return written

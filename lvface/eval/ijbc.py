@@ -1,4 +1,5 @@
-"""IJB-C and IJB-B 1:1 template verification, computed the way insightface's IJB scripts do.
+"""IJB-C and IJB-B 1:1 template verification, computed the way insightface's IJB scripts do (1:N
+identification from the same template features: lvface/eval/ijb_identification.py).
 
 Input: the insightface release layout under one root (e.g. ``IJB_release/IJBC``)::
 
@@ -535,18 +536,59 @@ def score_ijb(meta: IJBMeta, face_features: np.ndarray, *, detector_score: bool 
     }
 
 
+PROTOCOLS = ("1:1", "1:N", "both")
+
+
+def _verification_outputs(meta: IJBMeta, scored: dict, label: str, output_dir: Path | None) -> dict:
+    """The 1:1 part of the result (TAR@FAR table, AUC) and, with `output_dir`, its scores .npy and ROC .png."""
+    row_label = f"{label}-{meta.name}"
+    table = format_tar_table({row_label: scored["tar_at_far"]})
+    result = {"num_pairs": int(len(meta.pair_labels)), "tar_at_far": scored["tar_at_far"],
+              "operating_points": scored["operating_points"], "auc": scored["auc"], "table": table}
+    if output_dir is not None:
+        scores_file = output_dir / f"{meta.name.lower()}_scores.npy"
+        np.save(scores_file, scored["scores"])
+        roc_file = write_roc_png(output_dir / f"{meta.name.lower()}_roc.png",
+                                 {row_label: (scored["fpr"], scored["tpr"])}, title=f"{meta.name} 1:1 verification")
+        result.update(scores_file=str(scores_file), roc_png=str(roc_file))
+    log.info("%s TAR @ FAR (nearest-FPR convention), AUC %.5f:\n%s", meta.name, result["auc"], table)
+    return result
+
+
+def _identification_result(meta: IJBMeta, identification, features: np.ndarray, detector_score: bool,
+                           label: str) -> dict:
+    from lvface.eval.ijb_identification import format_identification_table, score_identification
+
+    weights = meta.face_scores if detector_score else None
+    template_ids, template_feats = template_features(features, meta.templates, meta.medias, weights)
+    result = score_identification(identification, template_ids, template_feats)
+    result["table"] = format_identification_table(f"{label}-{meta.name}", result)
+    log.info("%s 1:N identification, open set (TPIR at FPIR, rank-k of the mated searches):\n%s", meta.name,
+             result["table"])
+    return result
+
+
 def evaluate_ijb(model_fn: Callable[[torch.Tensor], torch.Tensor], root: str | Path, name: str = "IJBC", *,
                  batch_size: int = 128, num_workers: int = 0, flip: bool = True, detector_score: bool = True,
                  rank: int = 0, world_size: int = 1, group: dist.ProcessGroup | None = None,
                  device: torch.device | str = "cpu", output_dir: str | Path | None = None,
-                 label: str = "model", image_size: int = 112, meta: IJBMeta | None = None) -> dict | None:
-    """IJB-C / IJB-B 1:1 verification of `model_fn` (a normalised float32 CPU batch -> (B, D)).
+                 label: str = "model", image_size: int = 112, meta: IJBMeta | None = None,
+                 protocol: str = "1:1", identification=None) -> dict | None:
+    """IJB-C / IJB-B evaluation of `model_fn` (a normalised float32 CPU batch -> (B, D)): `protocol` 1:1
+    (template verification), 1:N (open-set identification, lvface.eval.ijb_identification) or both, from
+    one embedding pass.
 
     Every rank reads the meta files and embeds its slice; rank 0 returns the results (others None)
-    and, with `output_dir`, writes `<name>_scores.npy`, `<name>_roc.png` and `<name>_result.json`.
-    `meta`: the already-read meta files of (root, name), to read them once.
+    and, with `output_dir`, writes `<name>_result.json` (and for 1:1 `<name>_scores.npy`, `<name>_roc.png`).
+    `meta` / `identification`: the already-read meta files of (root, name), to read them once.
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol {protocol}: choose one of {', '.join(PROTOCOLS)}")
     meta = meta if meta is not None else read_ijb_meta(root, name)
+    if protocol != "1:1" and identification is None:
+        from lvface.eval.ijb_identification import read_identification_meta
+
+        identification = read_identification_meta(root, meta.name, np.unique(meta.templates))
     dataset = AlignedIJBFaces(meta.image_dir, meta.image_names, meta.landmarks, image_size)
     log.info("%s: %d faces, %d templates, %d pairs; embedding on %d rank(s)", meta.name, len(dataset),
              len(np.unique(meta.templates)), len(meta.pair_labels), world_size)
@@ -554,25 +596,18 @@ def evaluate_ijb(model_fn: Callable[[torch.Tensor], torch.Tensor], root: str | P
                            rank=rank, world_size=world_size, group=group, device=device)
     if rank != 0:
         return None
-    scored = score_ijb(meta, features, detector_score=detector_score)
-    row_label = f"{label}-{meta.name}"
-    table = format_tar_table({row_label: scored["tar_at_far"]})
-    result = {
-        "name": meta.name, "label": label, "num_faces": len(dataset),
-        "num_templates": int(len(np.unique(meta.templates))), "num_pairs": int(len(meta.pair_labels)),
-        "flip": flip, "detector_score": detector_score,
-        "tar_at_far": scored["tar_at_far"], "operating_points": scored["operating_points"],
-        "auc": scored["auc"], "table": table,
-    }
-    if output_dir is not None:
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        scores_file = output_dir / f"{meta.name.lower()}_scores.npy"
-        np.save(scores_file, scored["scores"])
-        roc_file = write_roc_png(output_dir / f"{meta.name.lower()}_roc.png",
-                                 {row_label: (scored["fpr"], scored["tpr"])}, title=f"{meta.name} 1:1 verification")
-        json_file = output_dir / f"{meta.name.lower()}_result.json"
-        result.update(scores_file=str(scores_file), roc_png=str(roc_file), json_file=str(json_file))
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    result = {"name": meta.name, "label": label, "protocol": protocol, "num_faces": len(dataset),
+              "num_templates": int(len(np.unique(meta.templates))), "flip": flip, "detector_score": detector_score}
+    if protocol != "1:N":
+        scored = score_ijb(meta, features, detector_score=detector_score)
+        result.update(_verification_outputs(meta, scored, label, out))
+    if protocol != "1:1":
+        result["identification"] = _identification_result(meta, identification, features, detector_score, label)
+    if out is not None:
+        json_file = out / f"{meta.name.lower()}_result.json"
+        result["json_file"] = str(json_file)
         atomic_write_json(json_file, result)
-    log.info("%s TAR @ FAR (nearest-FPR convention), AUC %.5f:\n%s", meta.name, result["auc"], table)
     return result

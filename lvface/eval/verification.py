@@ -33,6 +33,24 @@ def _l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / norms[:, None]
 
 
+def embed_with_norms(model_fn: Callable[[torch.Tensor], torch.Tensor], images_uint8: torch.Tensor,
+                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(flip-sum embeddings as `embed_flip_sum` returns them, (n,) float64 norm of each image's raw
+    embedding plus its mirror's): the norms make arcface_torch's XNorm, the mean raw-embedding norm
+    over the images and their mirrors, ``norm_sums.sum() / (2 n)``."""
+    outputs, norm_sums = [], []
+    with torch.no_grad():
+        for start in progress(range(0, len(images_uint8), batch_size), desc="verify: embed", unit="batch"):
+            batch = normalize_images(images_uint8[start:start + batch_size])
+            plain = model_fn(batch).detach().float().cpu()
+            flipped = model_fn(torch.flip(batch, dims=[3])).detach().float().cpu()
+            outputs.append((plain + flipped).numpy())
+            norm_sums.append(plain.double().norm(dim=1).numpy() + flipped.double().norm(dim=1).numpy())
+    if not outputs:
+        return np.zeros((0, 512), dtype=np.float32), np.zeros(0)
+    return _l2_normalize(np.concatenate(outputs)), np.concatenate(norm_sums)
+
+
 def embed_flip_sum(model_fn: Callable[[torch.Tensor], torch.Tensor], images_uint8: torch.Tensor,
                    batch_size: int) -> np.ndarray:
     """Embeddings of each image plus its horizontal flip, summed, then L2-normalised -> (n, D).
@@ -40,16 +58,22 @@ def embed_flip_sum(model_fn: Callable[[torch.Tensor], torch.Tensor], images_uint
     ``model_fn`` receives a float32 CPU batch (B, 3, H, W) normalised by ``normalize_images``
     (move it to the model's device inside) and returns (B, D) embeddings. Runs without autograd.
     """
-    outputs = []
-    with torch.no_grad():
-        for start in progress(range(0, len(images_uint8), batch_size), desc="verify: embed", unit="batch"):
-            batch = normalize_images(images_uint8[start:start + batch_size])
-            plain = model_fn(batch).detach().float().cpu()
-            flipped = model_fn(torch.flip(batch, dims=[3])).detach().float().cpu()
-            outputs.append((plain + flipped).numpy())
-    if not outputs:
-        return np.zeros((0, 512), dtype=np.float32)
-    return _l2_normalize(np.concatenate(outputs))
+    return embed_with_norms(model_fn, images_uint8, batch_size)[0]
+
+
+def xnorm(norm_sums: np.ndarray) -> float:
+    """arcface_torch's XNorm from `embed_with_norms`' per-image norm sums: the mean norm of the raw
+    embeddings of the images and their mirrors."""
+    return float(np.sum(norm_sums) / (2 * len(norm_sums))) if len(norm_sums) else float("nan")
+
+
+def arcface_log_lines(name: str, step: int, result: dict, highest: float) -> list[str]:
+    """The three lines arcface_torch's CallBackVerification logs per set, in its format, so that log
+    parsers written for it read lvface's logs: XNorm, Accuracy-Flip (mean +- std over the 10 folds)
+    and Accuracy-Highest (the best Accuracy-Flip of this set so far, `highest`)."""
+    return [f"[{name}][{step}]XNorm: {result['xnorm']:f}",
+            f"[{name}][{step}]Accuracy-Flip: {result['accuracy']:1.5f}+-{result['accuracy_std']:1.5f}",
+            f"[{name}][{step}]Accuracy-Highest: {highest:1.5f}"]
 
 
 # ----------------------------------------------------------------------------------------------
