@@ -84,7 +84,7 @@ def test_a_new_backend_is_one_registry_row_chosen_by_config(registered, caplog):
     with caplog.at_level(logging.INFO, logger="lvface.heads.sharded_softmax"):
         head, losses, grads = _train(cfg)
     assert head.resolved_impl == "counting"
-    assert any("loss.impl=counting -> counting on cpu" in r.getMessage() for r in caplog.records)
+    assert any(r.getMessage() == "head margin softmax: loss.impl=counting -> counting on cpu" for r in caplog.records)
     (backend,) = CountingMarginCE.instances  # built once, from the loss config's chunk budget
     assert backend.chunk_bytes == round(0.0003 * (1 << 20))
     assert (backend.forwards, backend.backwards) == (4, 4)  # two steps, two CE terms (W and P) each
@@ -112,8 +112,14 @@ def test_the_backends_row_picks_its_prototype_update(registered, monkeypatch):
         registered(registry.HeadBackend("lost", None, epl_impl="nowhere"))
 
 
-def test_device_rules_and_auto_come_from_the_row(registered):
+def test_device_rules_and_reproducibility_come_from_the_row(registered, caplog):
     registered(registry.HeadBackend("gpu_only", lambda loss_cfg: TorchMarginCE(), devices=("cuda",)))
+    registered(registry.HeadBackend("loose", lambda loss_cfg: TorchMarginCE(), deterministic=False))
+    with caplog.at_level(logging.INFO, logger="lvface.heads.sharded_softmax"):
+        ShardedMarginHead(NUM_CLASSES, DIM, load_config(None, ["loss.impl=loose"]).loss, group=None)(
+            torch.randn(4, DIM), torch.tensor([0, 1, 2, 3]))
+    assert any(r.getMessage() == "head margin softmax: loss.impl=loose -> loose on cpu (sums not bitwise "
+               "reproducible run to run)" for r in caplog.records)
     cfg = load_config(None, ["loss.impl=gpu_only"])
     head = ShardedMarginHead(NUM_CLASSES, DIM, cfg.loss, group=None)
     with pytest.raises(ValueError, match=r"loss.impl=gpu_only runs on CUDA tensors; the head is on cpu: set "

@@ -434,7 +434,8 @@ class ShardedMarginHead(nn.Module):
         self._epl_impl = backend.epl_impl
         self.resolved_impl = backend.name
         if self.rank == 0:
-            log.info("head margin softmax: loss.impl=%s -> %s on %s", self.impl, backend.name, device.type)
+            log.info("head margin softmax: loss.impl=%s -> %s on %s%s", self.impl, backend.name, device.type,
+                     "" if backend.deterministic else " (sums not bitwise reproducible run to run)")
         return backend.name
 
     @property
