@@ -105,10 +105,8 @@ def _rank_main(rank: int, args: argparse.Namespace, impl: str, port: int, out_di
     group = dist.new_group(list(range(args.ranks)))
     base_rss = _status_mb("VmRSS")
     stage = StageConfig(name="bench", sample_rate=args.sample_rate, centers=args.centers)
-    loss_cfg = LossConfig(stages=[stage])
-    head = ShardedMarginHead(
-        args.classes, args.dim, loss_cfg, group=group, impl=impl, chunk_bytes=args.chunk_mb * MB, seed=0
-    ).to(device=device, dtype=DTYPES[args.dtype])
+    loss_cfg = LossConfig(stages=[stage], impl=impl, chunk_mb=args.chunk_mb)
+    head = ShardedMarginHead(args.classes, args.dim, loss_cfg, group=group, seed=0).to(device=device, dtype=DTYPES[args.dtype])
     generator = torch.Generator().manual_seed(1000 + rank)
     local = args.batch // args.ranks
     embeddings = torch.randn(local, args.dim, generator=generator).to(device).requires_grad_()

@@ -1,6 +1,8 @@
 """The EPL prototype update (see lvface/heads/prototypes.py for the method), as pure tensor math.
 
-    epl_update_(prototypes, features, classes, mode=..., momentum=..., impl="torch" | "triton")
+    epl_update_(prototypes, features, classes, mode=..., momentum=..., impl=<a key of EPL_IMPLS>)
+
+The head runs the update that its margin-softmax backend names (kernels/registry.py, `epl_impl`).
 
 features [M, D] normalised features of the global batch's rows whose class is on this shard (all the
 micro-batches of a step concatenated), classes [M] their local rows. Per class j present:
@@ -22,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("adaptive", "momentum")
-IMPLS = ("torch", "triton")
 
 ClassSums = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (unique ids [U], sums [U, D], counts [U])
 
@@ -73,6 +74,22 @@ def update_prototypes_(
     prototypes.index_copy_(0, rows, F.normalize(keep * old + (1.0 - keep) * means, dim=1))
 
 
+def _torch_update_(prototypes, features, classes, *, mode: str, momentum: float) -> int:
+    rows, sums, counts = class_feature_sums(features, classes)
+    update_prototypes_(prototypes, rows, sums, counts, mode=mode, momentum=momentum)
+    return int(rows.numel())
+
+
+def _triton_update_(prototypes, features, classes, *, mode: str, momentum: float) -> int:
+    from lvface.kernels.triton_epl import triton_epl_update_  # imported here: lvface runs without triton
+
+    return triton_epl_update_(prototypes, features, classes, mode=mode, momentum=momentum)
+
+
+EPL_IMPLS = {"torch": _torch_update_, "triton": _triton_update_}
+"""The implementations of the update, by name (the torch reference and the Triton kernel)."""
+
+
 @torch.no_grad()
 def epl_update_(
     prototypes: torch.Tensor, features: torch.Tensor, classes: torch.Tensor, *, mode: str, momentum: float,
@@ -82,14 +99,8 @@ def epl_update_(
     Returns the number of classes updated (one host read: the number of distinct classes)."""
     if mode not in MODES:
         raise ValueError(f"loss.prototype_update must be one of {', '.join(MODES)}, got {mode!r}")
+    if impl not in EPL_IMPLS:
+        raise ValueError(f"unknown EPL update impl {impl!r}; choose one of {', '.join(EPL_IMPLS)}")
     if classes.numel() == 0:
         return 0
-    if impl == "torch":
-        rows, sums, counts = class_feature_sums(features, classes)
-        update_prototypes_(prototypes, rows, sums, counts, mode=mode, momentum=momentum)
-        return int(rows.numel())
-    if impl == "triton":
-        from lvface.kernels.triton_epl import triton_epl_update_
-
-        return triton_epl_update_(prototypes, features, classes, mode=mode, momentum=momentum)
-    raise ValueError(f"unknown EPL update impl {impl!r}; choose one of {', '.join(IMPLS)}")
+    return EPL_IMPLS[impl](prototypes, features, classes, mode=mode, momentum=momentum)

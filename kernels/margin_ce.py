@@ -20,15 +20,16 @@ backend.backward. A backend never communicates and never holds the [N, C] logits
                  (g / eps where |w| <= eps, F.normalize's convention).
 
 Backends: "chunked" = TorchMarginCE here (GEMM per class chunk into a reused [c, N] workspace);
-"triton" and "triton_atomic" = TritonMarginCE in kernels/triton_margin_ce.py (imported lazily by the
-head's build_backend, so lvface imports without triton; the names are lvface.heads.IMPLS). A new backend is one class with these two methods
-in its own file here, plus its line in lvface/heads/sharded_softmax.build_backend.
+"triton" and "triton_atomic" = TritonMarginCE in kernels/triton_margin_ce.py (imported only when
+built, so lvface imports without triton). The names, and what each needs and runs on, are the table
+of kernels/registry.py. A new backend is one class with these two methods in its own file here, plus
+its row in that table.
 
 Products on CUDA: the torch backend runs fp32 inputs as TF32 products with fp32 accumulation
 (10-bit mantissa inputs; insightface's PartialFC_V2 computes its logits in fp16 under autocast, which
 is coarser), bf16 / fp16 inputs as bf16 / fp16 tensor-core products with fp32 accumulation. The
 Triton backend does the same (tl.dot input_precision "tf32" for fp32 on CUDA, "ieee" elsewhere and
-under the interpreter). On the CPU every product is exact fp32 / fp64 as before.
+under the interpreter). On the CPU every product is exact fp32 / fp64.
 
 Can the bound |logit| <= s replace the row max and its all-reduce? (kept: no)
 Every logit is s * cos or s * psi(cos) <= s (cos <= 1, psi <= 1), so exp(z - s) <= 1 never overflows
@@ -53,17 +54,11 @@ NVLink), against a pass of milliseconds. We keep the exact online max.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 
 import torch
 
 NORM_EPS = 1e-12  # F.normalize's default: x / max(||x||, eps)
-
-
-def triton_available() -> bool:
-    """Whether the triton package is importable (without importing it)."""
-    return importlib.util.find_spec("triton") is not None
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:

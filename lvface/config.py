@@ -27,6 +27,22 @@ class ConfigError(ValueError):
     """A configuration problem, with a message that says what to fix."""
 
 
+def _choose(where: str, key: str, value: Any, allowed) -> None:
+    """Refuse a value outside `allowed` (a registry owned by the module that implements the choice)."""
+    if value not in allowed:
+        raise ConfigError(f"config key '{where}.{key}' is {value!r}; choose one of {', '.join(allowed)}")
+
+
+def _require(ok: bool, where: str, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{where}.{key}' {problem}")
+
+
+# Each section validates itself (`validate(where)`, where = its dotted key); the registries of choices
+# are owned by the modules that implement them and imported inside validate: config is the bottom of
+# the package and those modules import nothing from it.
+
+
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
@@ -48,6 +64,12 @@ class ModelConfig:
     """Attention path: sdpa (F.scaled_dot_product_attention) or math (explicit reference)."""
     norm_impl: str = "torch"
     """LayerNorm kernels: torch (nn.LayerNorm) or apex (NVIDIA apex's FusedLayerNorm, where installed)."""
+
+    def validate(self, where: str = "model") -> None:
+        from lvface.models.vit import ATTN_IMPLS, NORM_IMPLS
+
+        _choose(where, "attn_impl", self.attn_impl, tuple(ATTN_IMPLS))
+        _choose(where, "norm_impl", self.norm_impl, tuple(NORM_IMPLS))
 
 
 @dataclass
@@ -89,6 +111,10 @@ class DataConfig:
     mask_p: float = 0.0
     """Probability of a synthetic mask occluding the lower face (nose to chin) in a flat colour."""
 
+    def validate(self, where: str = "data") -> None:
+        _choose(where, "loader", self.loader, ("auto", "dali", "torch"))
+        _require(self.batch_size > 0, where, "batch_size", "must be positive")
+
 
 @dataclass
 class StageConfig:
@@ -106,6 +132,17 @@ class StageConfig:
     """With centers=both: loss = (1 - w) * CE(W) + w * CE(P). 0.5 is the mean of the two."""
     center_penalty: float = 0.0
     """Weight of an optional penalty mean ||W_y - P_y||^2 pulling learned centers toward prototypes."""
+
+    def validate(self, where: str | None = None) -> None:
+        """`where` is the stage's key (loss.stages[i]); a stage built in code is named by its name."""
+        from lvface.heads.curriculum import CENTERS
+
+        where = where or f"loss.stages[name={self.name}]"
+        _choose(where, "centers", self.centers, CENTERS)
+        _require(0.0 < self.sample_rate <= 1.0, where, "sample_rate", f"is {self.sample_rate}; it must be in (0, 1]")
+        _require(0.0 <= self.prototype_weight <= 1.0, where, "prototype_weight",
+                 f"is {self.prototype_weight}; it must be in [0, 1]")
+        _require(self.center_penalty >= 0.0, where, "center_penalty", f"is {self.center_penalty}; it must be >= 0")
 
 
 def _default_stages() -> list[StageConfig]:
@@ -142,14 +179,33 @@ class LossConfig:
     deterministic), triton_atomic (fused, one backward pass that adds d embeddings with atomics: one product
     fewer, not bitwise reproducible), chunked (blockwise torch GEMMs; none of these holds the [N, C_local]
     logits) or dense (reference)."""
-    chunk_mb: int = 64
-    """Memory budget of one chunk of the chunked path, in MiB."""
+    chunk_mb: float = 64.0
+    """Memory budget of one chunk of the chunked path, in MiB (fractions allowed: tests use a few hundred
+    bytes to force many chunks)."""
+
+    def validate(self, where: str = "loss") -> None:
+        from lvface.heads.margin import GRADIENTS, MARGINS
+        from lvface.heads.prototypes import PROTOTYPE_UPDATES
+        from lvface.kernels.registry import IMPLS
+
+        _choose(where, "margin", self.margin, tuple(MARGINS))
+        _choose(where, "gradient", self.gradient, tuple(GRADIENTS))
+        _choose(where, "prototype_update", self.prototype_update, tuple(PROTOTYPE_UPDATES))
+        _choose(where, "impl", self.impl, tuple(IMPLS))
+        _require(bool(self.stages), where, "stages", "is empty; give at least one stage")
+        previous = 0.0
+        for i, stage in enumerate(self.stages):
+            stage.validate(f"{where}.stages[{i}]")
+            _require(stage.end_epoch > previous, f"{where}.stages[{i}]", "end_epoch",
+                     f"is {stage.end_epoch}, not after the previous stage's end {previous}; stages must be in "
+                     "increasing order")
+            previous = stage.end_epoch
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"
-    """Optimizer of both the backbone (inside DeepSpeed) and the head (outside it)."""
+    """AdamW, for both the backbone (inside DeepSpeed) and the head (outside it)."""
+
     lr: float = 1e-3
     """Peak learning rate (after warmup)."""
     weight_decay: float = 0.1
@@ -168,6 +224,15 @@ class OptimizerConfig:
     """Head AdamW kernels: torch (lvface's blockwise AdamW) or apex (NVIDIA apex's fused multi-tensor
     Adam, where installed; needs head_sparse_rows=false, since it steps every row with one step count)."""
 
+    def validate(self, where: str = "optimizer") -> None:
+        from lvface.heads.optim import HEAD_OPTIMIZER_IMPLS
+
+        _choose(where, "head_impl", self.head_impl, tuple(HEAD_OPTIMIZER_IMPLS))
+        _require(not (self.head_impl == "apex" and self.head_sparse_rows), where, "head_impl",
+                 "is apex, which steps every row of the centers with one step count; set "
+                 f"{where}.head_sparse_rows=false with it, or {where}.head_impl=torch")
+        _require(len(self.betas) == 2, where, "betas", "must have two numbers")
+
 
 @dataclass
 class ScheduleConfig:
@@ -181,6 +246,9 @@ class ScheduleConfig:
     """Power of the polynomial decay (insightface uses 2)."""
     min_lr_ratio: float = 0.0
     """Final learning rate as a fraction of the peak."""
+
+    def validate(self, where: str = "schedule") -> None:
+        _choose(where, "decay", self.decay, ("polynomial", "cosine", "constant"))
 
 
 @dataclass
@@ -207,6 +275,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 20
     """Consecutive skipped (non-finite loss or gradient) steps after which the run stops; 0 never stops."""
 
+    def validate(self, where: str = "train") -> None:
+        _choose(where, "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _require(self.gradient_accumulation_steps > 0, where, "gradient_accumulation_steps", "must be positive")
+
 
 @dataclass
 class EvalConfig:
@@ -218,6 +290,9 @@ class EvalConfig:
     """Images per rank per forward during evaluation."""
     at_start: bool = True
     """Evaluate once before the first step (the untrained baseline)."""
+
+    def validate(self, where: str = "eval") -> None:
+        """Every value of the right type is usable."""
 
 
 @dataclass
@@ -232,11 +307,17 @@ class CheckpointConfig:
     """Fine-tune from these backbone weights, loaded strictly before training: a plain state_dict (insightface
     arcface_torch / LVFace .pt), a .safetensors file, or an lvface checkpoint folder; the head starts fresh."""
 
+    def validate(self, where: str = "checkpoint") -> None:
+        """Every value of the right type is usable."""
+
 
 @dataclass
 class MetricsConfig:
     prometheus_port: int = 0
     """Port of the Prometheus exporter on each rank (port + local rank); 0 disables it."""
+
+    def validate(self, where: str = "metrics") -> None:
+        """Every value of the right type is usable."""
 
 
 @dataclass
@@ -256,37 +337,6 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-# Choices that belong to this file; the others are registries owned by the module that implements
-# them (read by _choices), so adding an implementation is one line in one place.
-_OWN_CHOICES = {
-    "data.loader": ("auto", "dali", "torch"),
-    "optimizer.name": ("adamw",),
-    "schedule.decay": ("polynomial", "cosine", "constant"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-}
-
-
-def _choices() -> dict[str, tuple[str, ...]]:
-    """Every key with a fixed set of values -> the values. Imported here, not at the top: config is the
-    bottom of the package and these modules import nothing from it."""
-    from lvface.heads import IMPLS
-    from lvface.heads.margin import GRADIENTS, MARGINS
-    from lvface.heads.prototypes import PROTOTYPE_UPDATES
-    from lvface.heads.optim import HEAD_OPTIMIZER_IMPLS
-    from lvface.models.vit import ATTN_IMPLS, NORM_IMPLS
-
-    return {
-        **_OWN_CHOICES,
-        "model.attn_impl": tuple(ATTN_IMPLS),
-        "model.norm_impl": tuple(NORM_IMPLS),
-        "optimizer.head_impl": tuple(HEAD_OPTIMIZER_IMPLS),
-        "loss.margin": tuple(MARGINS),
-        "loss.gradient": tuple(GRADIENTS),
-        "loss.prototype_update": tuple(PROTOTYPE_UPDATES),
-        "loss.impl": tuple(IMPLS),
-    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,10 +384,20 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"config key '{where}': unsupported type {_type_name(tp)}")
 
 
+# Keys that configs written for other trainers set but that choose nothing here: the error says what
+# to do rather than guessing a near name.
+_NOT_OPTIONS = {
+    "optimizer.name": "the backbone and the head always train with AdamW (set optimizer.lr, betas, eps, "
+                      "weight_decay); delete the key",
+}
+
+
 def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
     names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
     full = f"{where}.{key}" if where else key
+    if full in _NOT_OPTIONS:
+        return ConfigError(f"unknown config key '{full}': {_NOT_OPTIONS[full]}")
     hint = f"; did you mean '{(where + '.') if where else ''}{close[0]}'?" if close else ""
     return ConfigError(f"unknown config key '{full}'{hint} (valid keys here: {', '.join(names)})")
 
@@ -352,33 +412,10 @@ def _build(cls: type, data: dict, where: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _check_choices(cfg: Config) -> None:
-    for dotted, allowed in _choices().items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value not in allowed:
-            raise ConfigError(f"config key '{dotted}' is {value!r}; choose one of {', '.join(allowed)}")
-
-
 def validate(cfg: Config) -> Config:
-    """Cross-field checks that a type annotation cannot express."""
-    from lvface.heads.prototypes import check_stages
-
-    _check_choices(cfg)
-    try:
-        check_stages(cfg.loss.stages)
-    except ValueError as error:
-        raise ConfigError(f"config key {error}") from None
-    for name in ("batch_size",):
-        if getattr(cfg.data, name) <= 0:
-            raise ConfigError(f"config key 'data.{name}' must be positive")
-    if cfg.train.gradient_accumulation_steps <= 0:
-        raise ConfigError("config key 'train.gradient_accumulation_steps' must be positive")
-    if cfg.optimizer.head_impl == "apex" and cfg.optimizer.head_sparse_rows:
-        raise ConfigError("config key 'optimizer.head_impl' is apex, which steps every row of the centers with one "
-                          "step count; set optimizer.head_sparse_rows=false with it, or optimizer.head_impl=torch")
-    if len(cfg.optimizer.betas) != 2:
-        raise ConfigError("config key 'optimizer.betas' must have two numbers")
+    """The checks that a type annotation cannot express: each section's own `validate`."""
+    for section in dataclasses.fields(cfg):
+        getattr(cfg, section.name).validate(section.name)
     return cfg
 
 

@@ -188,8 +188,7 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
     groups = param_groups(backbone, cfg.optimizer.weight_decay, no_weight_decay_names(backbone))
     engine = build_engine(backbone, ds_config, groups, lr_lambda)
     # head + its optimizer (outside the engine)
-    head = ShardedMarginHead(num_classes, cfg.model.num_features, cfg.loss, group=info.group, impl=cfg.loss.impl,
-                             chunk_bytes=cfg.loss.chunk_mb << 20, seed=cfg.train.seed).to(info.device)
+    head = ShardedMarginHead(num_classes, cfg.model.num_features, cfg.loss, group=info.group, seed=cfg.train.seed).to(info.device)
     head_optimizer = build_head_optimizer(head, cfg.optimizer, sparse_rows=cfg.optimizer.head_sparse_rows,
                                           impl=cfg.optimizer.head_impl)
     head_scheduler = torch.optim.lr_scheduler.LambdaLR(head_optimizer, lr_lambda)

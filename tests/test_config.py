@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from lvface.config import Config, ConfigError, from_dict, load_config, parse_overrides
+from lvface.config import Config, ConfigError, StageConfig, from_dict, load_config, parse_overrides
 from lvface.engine import build_ds_config, lr_factor
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,6 +59,9 @@ def test_unknown_key_names_the_nearest_valid_key(tmp_path):
         from_dict({"trian": {}})
     with pytest.raises(ConfigError, match=r"'loss.stages\[0\].sample_rat'; did you mean 'loss.stages\[0\].sample_rate'"):
         from_dict({"loss": {"stages": [{"sample_rat": 0.3}]}})
+    with pytest.raises(ConfigError, match=r"unknown config key 'optimizer.name': the backbone and the head always "
+                                          r"train with AdamW .*; delete the key"):
+        from_dict({"optimizer": {"name": "adamw"}})
 
 
 def test_wrong_types_name_key_and_expected_type():
@@ -83,6 +86,19 @@ def test_choices_and_cross_field_checks():
         from_dict({"loss": {"stages": [{"end_epoch": 2}, {"end_epoch": 1}]}})
     with pytest.raises(ConfigError, match=r"sample_rate' is 0.0"):
         from_dict({"loss": {"stages": [{"end_epoch": 2, "sample_rate": 0.0}]}})
+    with pytest.raises(ConfigError, match=r"config key 'loss.stages' is empty; give at least one stage"):
+        from_dict({"loss": {"stages": []}})
+
+
+def test_each_section_validates_itself_under_its_key():
+    cfg = Config()
+    for section in ("model", "data", "loss", "optimizer", "schedule", "train", "eval", "checkpoint", "metrics"):
+        getattr(cfg, section).validate()  # the defaults are valid
+    cfg.optimizer.betas = [0.9]
+    with pytest.raises(ConfigError, match=r"config key 'optimizer.betas' must have two numbers"):
+        cfg.optimizer.validate()
+    with pytest.raises(ConfigError, match=r"config key 'loss.stages\[name=late\].prototype_weight' is 2.0"):
+        StageConfig(name="late", prototype_weight=2.0).validate()  # a stage built in code is named by its name
 
 
 def test_three_stage_schedule_is_expressible():

@@ -3,6 +3,8 @@ with every other test marked `cuda` (`pytest -m cuda`), Triton kernels natively.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -58,7 +60,7 @@ def test_head_on_cuda_matches_dense_float64_on_cpu(centers):
     results = {}
     for device, impl, dtype in ((CUDA, "auto" if "auto" in _impls() else "chunked", torch.float32),
                                 (torch.device("cpu"), "dense", torch.float64)):
-        head = ShardedMarginHead(classes, dim, loss_cfg, group=None, impl=impl, seed=0).to(device)
+        head = ShardedMarginHead(classes, dim, dataclasses.replace(loss_cfg, impl=impl), group=None, seed=0).to(device)
         head.set_stage(loss_cfg.stages[0])
         with torch.no_grad():
             head.weight.copy_(weight)

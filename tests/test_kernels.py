@@ -351,7 +351,7 @@ def test_sampler_keeps_every_positive_beyond_the_budget():
 
 
 def _tiny_head(impl, **kwargs):
-    return ShardedMarginHead(11, 8, LossConfig(stages=[StageConfig()]), group=None, impl=impl, seed=0, **kwargs)
+    return ShardedMarginHead(11, 8, LossConfig(stages=[StageConfig()], impl=impl), group=None, seed=0, **kwargs)
 
 
 def test_auto_picks_chunked_on_cpu_and_logs_once(caplog):
@@ -364,7 +364,7 @@ def test_auto_picks_chunked_on_cpu_and_logs_once(caplog):
 
 
 def test_triton_requests_fail_clearly(monkeypatch):
-    import lvface.heads.sharded_softmax as sharded_softmax
+    from lvface.kernels import registry
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     head = _tiny_head("triton")
@@ -372,7 +372,7 @@ def test_triton_requests_fail_clearly(monkeypatch):
         head(torch.randn(4, 8), torch.tensor([0, 3, 3, 10]))
     with pytest.raises(ValueError, match=r"loss.impl=triton_atomic runs on CUDA tensors"):
         _tiny_head("triton_atomic")(torch.randn(4, 8), torch.tensor([0, 3, 3, 10]))
-    monkeypatch.setattr(sharded_softmax, "triton_available", lambda: False)
+    monkeypatch.setattr(registry, "package_available", lambda name: False)
     for impl in ("triton", "triton_atomic"):
         with pytest.raises(ValueError, match=f"loss.impl={impl} needs the triton package"):
             _tiny_head(impl)
@@ -396,13 +396,13 @@ def test_lvface_imports_and_trains_without_triton():
         "import torch\n"
         "from lvface.config import LossConfig, StageConfig\n"
         "from lvface.heads import ShardedMarginHead\n"
-        "from lvface.kernels.margin_ce import triton_available\n"
-        "assert not triton_available()\n"
-        "head = ShardedMarginHead(11, 8, LossConfig(stages=[StageConfig(sample_rate=0.5)]), group=None, impl='auto')\n"
+        "from lvface.kernels.registry import package_available\n"
+        "assert not package_available('triton')\n"
+        "head = ShardedMarginHead(11, 8, LossConfig(stages=[StageConfig(sample_rate=0.5)]), group=None)\n"
         "head(torch.randn(4, 8), torch.tensor([0, 3, 3, 10])).backward(); head.update_prototypes()\n"
         "assert head.resolved_impl == 'chunked'\n"
         "try:\n"
-        "    ShardedMarginHead(11, 8, LossConfig(), group=None, impl='triton')\n"
+        "    ShardedMarginHead(11, 8, LossConfig(impl='triton'), group=None)\n"
         "except ValueError as exc:\n"
         "    assert 'needs the triton package' in str(exc)\n"
         "else:\n"

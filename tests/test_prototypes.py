@@ -1,4 +1,5 @@
-"""Tests of lvface.heads.prototypes (EPL prototype update, stages) and the head's use of them.
+"""Tests of lvface.heads.prototypes (EPL prototype update), lvface.heads.curriculum (stages) and the
+head's use of them.
 
 The distributed update (each rank updates its shard from the gathered batch) is compared on gloo groups
 of 1..4 ranks with a per-class loop written here, over two steps of two accumulated micro-batches.
@@ -15,7 +16,7 @@ from dist_utils import run_on_ranks
 
 from lvface.config import LossConfig, StageConfig, from_dict
 from lvface.heads import ShardedMarginHead, stage_for_epoch, update_prototypes_
-from lvface.heads.prototypes import check_stage, class_feature_sums, merge_class_sums, prototype_factor
+from lvface.heads.prototypes import class_feature_sums, prototype_factor
 
 NUM_CLASSES, DIM = 11, 6
 
@@ -50,16 +51,16 @@ def test_first_sight_sets_the_class_mean_and_updates_follow_the_rule():
         torch.testing.assert_close(prototypes, expected, rtol=1e-12, atol=1e-14)
 
 
-def test_adaptive_factor_is_sigmoid_of_cosine_and_merge_sums_repeats():
+def test_adaptive_factor_is_sigmoid_of_cosine_and_class_sums_merge_micro_batches():
     p = F.normalize(torch.randn(4, DIM, dtype=torch.float64), dim=1)
     m = F.normalize(torch.randn(4, DIM, dtype=torch.float64), dim=1)
     torch.testing.assert_close(prototype_factor(p, m, "adaptive", 0.0), torch.sigmoid((p * m).sum(1)))
     torch.testing.assert_close(prototype_factor(p, m, "momentum", 0.7), torch.full((4,), 0.7, dtype=torch.float64))
     with pytest.raises(ValueError, match="prototype_update"):
         prototype_factor(p, m, "ema", 0.5)
-    a = class_feature_sums(torch.ones(3, 2), torch.tensor([4, 1, 4]))
-    b = class_feature_sums(torch.full((2, 2), 2.0), torch.tensor([1, 7]))
-    rows, sums, counts = merge_class_sums([a, b])
+    # two micro-batches of one step, concatenated as the head does before its one update
+    features = torch.cat([torch.ones(3, 2), torch.full((2, 2), 2.0)])
+    rows, sums, counts = class_feature_sums(features, torch.tensor([4, 1, 4, 1, 7]))
     assert rows.tolist() == [1, 4, 7] and counts.tolist() == [2, 2, 1]
     assert sums[:, 0].tolist() == [3.0, 2.0, 2.0]
 
@@ -73,8 +74,9 @@ def micro_batches():
 
 
 def distributed_updates(rank, world, group, mode):
-    cfg = LossConfig(prototype_update=mode, prototype_momentum=0.8, stages=[StageConfig(sample_rate=0.5)])
-    head = ShardedMarginHead(NUM_CLASSES, DIM, cfg, group=group, chunk_bytes=256).double()
+    cfg = LossConfig(prototype_update=mode, prototype_momentum=0.8, stages=[StageConfig(sample_rate=0.5)],
+                     chunk_mb=256 / (1 << 20))  # 256 bytes: many chunks
+    head = ShardedMarginHead(NUM_CLASSES, DIM, cfg, group=group).double()
     features, labels = micro_batches()
     batch = 12 // world
     local = slice(rank * batch, (rank + 1) * batch)
@@ -162,6 +164,6 @@ def test_stage_switch_is_logged_once_and_bad_stages_refused(caplog):
         "head stage 'early' -> 'stable' (until epoch 100): sample_rate=1, centers=both, prototype_weight=0.5"
     ]
     with pytest.raises(ValueError, match="centers"):
-        check_stage(StageConfig(centers="mixed"))
+        StageConfig(centers="mixed").validate()
     with pytest.raises(ValueError, match="sample_rate"):
         head.set_stage(StageConfig(sample_rate=0.0))

@@ -10,6 +10,8 @@ chunked paths. Each world size is spawned once (tests/dist_utils.py) and runs ev
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,7 @@ from lvface.heads import HeadAdamW, ShardedMarginHead, build_head_optimizer, ini
 from lvface.heads.margin import margin_from_config
 
 NUM_CLASSES, DIM, GLOBAL_BATCH = 23, 8, 12
-CHUNK_BYTES = 600  # two classes per chunk in float64 with N = 12, D = 8: many chunks per shard
+CHUNK_MB = 600 / (1 << 20)  # 600 bytes, two classes per chunk in float64 with N = 12, D = 8: many chunks per shard
 
 MARGINS = {
     "arcface": dict(m1=1.0, m2=0.5, m3=0.0, gradient="insightface"),
@@ -54,8 +56,8 @@ def loss_cfg(margin_name: str, stage_name: str) -> LossConfig:
 
 
 def _head_case(group, margin_name, stage_name, impl, dtype, embeddings, labels, prototypes, rank, world, device):
-    cfg = loss_cfg(margin_name, stage_name)
-    head = ShardedMarginHead(NUM_CLASSES, DIM, cfg, group=group, impl=impl, chunk_bytes=CHUNK_BYTES, seed=3)
+    cfg = dataclasses.replace(loss_cfg(margin_name, stage_name), impl=impl, chunk_mb=CHUNK_MB)
+    head = ShardedMarginHead(NUM_CLASSES, DIM, cfg, group=group, seed=3)
     head.to(device=device, dtype=dtype)
     with torch.no_grad():
         head.prototypes.copy_(prototypes[head.class_start : head.class_end])
@@ -216,7 +218,7 @@ def test_single_process_without_distributed_and_local_shape_errors():
     with pytest.raises(ValueError, match="integer labels"):
         head(torch.randn(2, DIM), torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="impl"):
-        ShardedMarginHead(NUM_CLASSES, DIM, LossConfig(), group=None, impl="fused-someday")
+        ShardedMarginHead(NUM_CLASSES, DIM, LossConfig(impl="fused-someday"), group=None)
     head.eval()  # no sampling outside training
     head(torch.randn(2, DIM), torch.tensor([0, 1]))
     assert head.last_sampled_rows is None
@@ -238,8 +240,8 @@ def train_steps(rank, world, group):
 
     torch.manual_seed(0)
     backbone = nn.Linear(6, DIM).double()
-    cfg = LossConfig(stages=TRAIN_STAGES)
-    head = ShardedMarginHead(NUM_CLASSES, DIM, cfg, group=group, chunk_bytes=CHUNK_BYTES, seed=5).double()
+    cfg = LossConfig(stages=TRAIN_STAGES, chunk_mb=CHUNK_MB)
+    head = ShardedMarginHead(NUM_CLASSES, DIM, cfg, group=group, seed=5).double()
     opt = build_head_optimizer(head, OptimizerConfig(lr=0.05, weight_decay=0.1))
     generator = torch.Generator().manual_seed(11)
     images = torch.randn(2, GLOBAL_BATCH, 6, generator=generator, dtype=torch.float64)

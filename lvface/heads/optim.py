@@ -172,8 +172,6 @@ def build_head_optimizer(head, opt_cfg, *, sparse_rows: bool = True, impl: str =
     sparse_rows: update only the rows sampled since the last step (see the module docstring); False
     updates every row every step.
     """
-    if opt_cfg.name != "adamw":
-        raise ValueError(f"optimizer.name {opt_cfg.name!r} is not supported by the head; use adamw")
     lr = opt_cfg.head_lr if opt_cfg.head_lr is not None else opt_cfg.lr
     decay = opt_cfg.head_weight_decay if opt_cfg.head_weight_decay is not None else opt_cfg.weight_decay
     betas = tuple(opt_cfg.betas)

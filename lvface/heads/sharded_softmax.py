@@ -15,20 +15,21 @@ so that bad input raises on every rank before a collective can hang), the embedd
 cross-entropy term (W, and P in the stable stage), and in backward one reduce-scatter of N x D.
 Nothing proportional to the number of classes.
 
-Implementations of the cross entropy, picked by `impl` (IMPLS, config loss.impl):
+Implementations of the cross entropy, picked by loss.impl from the table of kernels/registry.py
+(which also says where each runs, which EPL update goes with it and what `auto` picks; resolved at
+the first forward, when the device is known, and logged once):
 - "chunked": the torch backend of lvface/kernels/margin_ce.py - GEMMs over class chunks into a reused
-  workspace sized from a memory budget, per-row running (max, sum-exp) - the online softmax - and
-  recompute of each chunk in backward. The [N, C_local] logits never exist.
+  workspace of loss.chunk_mb, per-row running (max, sum-exp) - the online softmax - and recompute of
+  each chunk in backward. The [N, C_local] logits never exist.
 - "triton": the fused kernels of lvface/kernels/triton_margin_ce.py (CUDA, or the interpreter): the
   same math in registers, O(N) numbers written in forward, O(N * D) extra memory in backward.
   Deterministic: backward recomputes the logits in two passes (dx, then d centers).
 - "triton_atomic": the same kernels with a one-pass backward that adds dx with fp32 atomics (one
   product fewer, sums not bitwise reproducible); which is faster is measured by benchmarks/gpu_check.sh.
-- "auto": triton on CUDA tensors when triton imports, chunked otherwise (resolved at the first
-  forward, logged once).
 - "dense": the same math with autograd over the full [N, C_used] block (tests, benchmark baseline).
-Both blockwise backends run under one autograd Function (_MarginCrossEntropy): this module holds the
-collectives and their order, kernels/ the per-shard math; a new backend is one file in kernels/.
+Every blockwise backend runs under one autograd Function (_MarginCrossEntropy): this module holds the
+collectives and their order, kernels/ the per-shard math; a new backend is one file in kernels/ and
+one row of the registry.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import time
 
 import torch
@@ -45,9 +45,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lvface.heads.margin import Margin, margin_from_config
-from lvface.heads.prototypes import check_stage, describe_stage, uses_learned_centers
+from lvface.heads.curriculum import describe_stage, uses_learned_centers
+from lvface.kernels import registry
 from lvface.kernels.epl_update import epl_update_
-from lvface.kernels.margin_ce import NORM_EPS, TorchMarginCE, target_cosines, triton_available
+from lvface.kernels.margin_ce import NORM_EPS, TorchMarginCE, target_cosines
 from lvface.kernels.pfc_sample import mix_seed, sample_seed, select_rows
 
 log = logging.getLogger(__name__)
@@ -304,33 +305,6 @@ def blockwise_margin_cross_entropy(
     )
 
 
-def _needs_triton(name: str) -> None:
-    if name.startswith("triton") and not triton_available():
-        raise ValueError(
-            f"loss.impl={name} needs the triton package, which is not installed: install triton, or set "
-            "loss.impl to auto (triton where available), chunked or dense"
-        )
-
-
-def build_backend(name: str, *, chunk_bytes: int = 64 << 20):
-    """A fresh margin CE backend object by name ("chunked", "triton" or "triton_atomic"; the modules of
-    kernels/), the Triton one imported only here, so lvface imports without triton."""
-    if name == "chunked":
-        return TorchMarginCE(chunk_bytes)
-    if name in ("triton", "triton_atomic"):
-        _needs_triton(name)
-        from lvface.kernels.triton_margin_ce import TritonMarginCE
-
-        return TritonMarginCE(backward="atomic" if name == "triton_atomic" else "two_pass")
-    raise ValueError(f"unknown margin CE backend {name!r}; choose chunked, triton or triton_atomic")
-
-
-IMPLS = ("auto", "triton", "triton_atomic", "chunked", "dense")
-"""loss.impl values: auto (triton on CUDA tensors when triton imports, chunked otherwise), the
-blockwise backends of kernels/ (triton_atomic: the Triton kernels with the one-pass atomic backward),
-and the dense autograd reference."""
-
-
 # --------------------------------------------------------------------------------------------------
 # The head
 # --------------------------------------------------------------------------------------------------
@@ -350,6 +324,10 @@ class ShardedMarginHead(nn.Module):
     update_prototypes() runs after backward because the blockwise paths recompute from P in backward;
     forward only keeps the (detached) unit embeddings and local labels for it.
 
+    loss_cfg (a LossConfig) says everything about the loss: margin, curriculum stages, EPL update, the
+    backend (loss.impl, a row of kernels/registry.py) and its chunk budget (loss.chunk_mb); it is validated
+    here as a config file is. seed fixes the initial centers and the Partial-FC sampling stream.
+
     Host-device synchronisations per forward: one (the batch check's gathered sizes and label range),
     plus at most one for the Partial-FC sample size (kernels/pfc_sample.py); update_prototypes() one.
     Nothing per chunk or per class.
@@ -362,14 +340,11 @@ class ShardedMarginHead(nn.Module):
         loss_cfg,
         *,
         group: dist.ProcessGroup | None,
-        impl: str = "auto",
-        chunk_bytes: int = 64 << 20,
         seed: int = 0,
     ):
         super().__init__()
-        if impl not in IMPLS:
-            raise ValueError(f"head impl {impl!r} is unknown; choose one of {', '.join(IMPLS)}")
-        _needs_triton(impl)
+        loss_cfg.validate()  # the same checks as a config file's, for a LossConfig built in code
+        registry.check_installed(loss_cfg.impl)
         if group is None:
             self.rank, self.world_size = 0, 1
         else:
@@ -378,13 +353,11 @@ class ShardedMarginHead(nn.Module):
             raise ValueError(f"num_classes {num_classes} is smaller than the head's world size {self.world_size}")
         if embedding_size < 1:
             raise ValueError(f"embedding_size must be positive, got {embedding_size}")
-        if not loss_cfg.stages:
-            raise ValueError("loss.stages is empty; give at least one stage")
         self.group = group
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.loss_cfg = loss_cfg
         self.margin = margin_from_config(loss_cfg)
-        self.impl, self.chunk_bytes, self.seed = impl, chunk_bytes, seed
+        self.impl, self.seed = loss_cfg.impl, seed
         self.class_start, self.num_local_classes = shard_range(num_classes, self.world_size, self.rank)
         self.class_end = self.class_start + self.num_local_classes
         centers = init_centers(num_classes, embedding_size, self.class_start, self.num_local_classes, seed)
@@ -398,8 +371,9 @@ class ShardedMarginHead(nn.Module):
         self._all_touched = False
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (x_hat [N, D], local labels [N])
         self.resolved_impl: str | None = None
-        """The implementation `impl` resolved to at the first forward (auto -> triton or chunked)."""
+        """The backend `impl` resolved to at the first forward (auto: the registry's default there)."""
         self._backend = None
+        self._epl_impl: str | None = None  # the EPL update of the resolved backend
         self.stage = None
         self.set_stage(loss_cfg.stages[0])
 
@@ -407,7 +381,7 @@ class ShardedMarginHead(nn.Module):
 
     def set_stage(self, stage) -> None:
         """Switch the loss to `stage` (a StageConfig); logged on rank 0 when it changes."""
-        check_stage(stage)
+        stage.validate()
         if stage != self.stage and self.rank == 0:
             before = f"'{self.stage.name}'" if self.stage is not None else "start"
             log.info("head stage %s -> %s", before, describe_stage(stage))
@@ -455,19 +429,14 @@ class ShardedMarginHead(nn.Module):
         """Pick the implementation once, at the first forward (the tensors' device is known then)."""
         if self.resolved_impl is not None:
             return self.resolved_impl
-        name = self.impl
-        if name == "auto":
-            name = "triton" if device.type == "cuda" and triton_available() else "chunked"
-        if name.startswith("triton") and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise ValueError(
-                f"loss.impl={name} runs on CUDA tensors (or under TRITON_INTERPRET=1); the head is on {device}: "
-                "set loss.impl to auto or chunked"
-            )
-        self._backend = None if name == "dense" else build_backend(name, chunk_bytes=self.chunk_bytes)
-        self.resolved_impl = name
+        backend = registry.resolve(self.impl, device.type)
+        self._backend = registry.build_backend(backend, self.loss_cfg)
+        self._epl_impl = backend.epl_impl
+        self.resolved_impl = backend.name
         if self.rank == 0:
-            log.info("head margin softmax: loss.impl=%s -> %s on %s", self.impl, name, device.type)
-        return name
+            log.info("head margin softmax: loss.impl=%s -> %s on %s%s", self.impl, backend.name, device.type,
+                     "" if backend.deterministic else " (sums not bitwise reproducible run to run)")
+        return backend.name
 
     @property
     def workspace_bytes(self) -> int:
@@ -578,7 +547,7 @@ class ShardedMarginHead(nn.Module):
         return epl_update_(
             self.prototypes, x_hat.index_select(0, mine), labels.index_select(0, mine),
             mode=cfg.prototype_update, momentum=cfg.prototype_momentum,
-            impl="triton" if self.resolved_impl.startswith("triton") else "torch",
+            impl=self._epl_impl,
         )
 
     def discard_update(self) -> None:
