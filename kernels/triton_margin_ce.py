@@ -349,3 +349,30 @@ def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
+
+
+def compile_launches(x_type: str, w_type: str, dim: int, *, sampled: bool, candidates: bool = False):
+    """What TritonMarginCE launches at embedding size `dim` (any N >= its row tile), for ahead-of-time
+    compiles (benchmarks/kernel_report.py, the tests): dicts of kernel, variant, tiles, fn, signature
+    (triton type strings: x_type / w_type "fp32" or "bf16"), constexprs and options."""
+    element = 2 if x_type == "bf16" else 4
+    head = {"x_ptr": "*" + x_type, "w_ptr": "*" + w_type, "rows_ptr": "*i64", "tgt_ptr": "*i64", "tlogit_ptr": "*fp32"}
+    dims = {"N": "i32", "C": "i32", "D": "i32", "stride_x": "i32", "stride_w": "i32"}
+    grads = {"tslope_ptr": "*fp32", "lse_ptr": "*fp32", "coef_ptr": "*fp32"}
+    for kernel, variant in (("forward", "-"), ("grad_x", "two_pass"), ("grad_w", "two_pass"), ("grad_w", "atomic")):
+        block_n, block_c, block_d = TritonMarginCE()._blocks(1 << 20, dim, element, atomic=variant == "atomic")
+        consts = dict(HAS_ROWS=sampled, EPS=NORM_EPS, INPUT_PRECISION="tf32", UPCAST=False,
+                      BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d)
+        if kernel == "forward":
+            fn, sig = _forward_kernel, {**head, "max_ptr": "*fp32", "sum_ptr": "*fp32", **dims,
+                                        "classes_per_split": "i32", "scale": "fp32"}
+        elif kernel == "grad_x":
+            fn, sig = _grad_x_kernel, {**head, **grads, "dx_ptr": "*fp32", **dims, "stride_dx": "i32", "scale": "fp32"}
+        else:
+            fn, sig = _grad_w_kernel, {**head, **grads, "dw_ptr": "*fp32", "dx_ptr": "*fp32", **dims,
+                                       "stride_dw": "i32", "stride_dx": "i32", "scale": "fp32"}
+            consts["ATOMIC_X"] = variant == "atomic"
+        sig.update({k: "constexpr" for k in consts})
+        yield dict(kernel=kernel, variant=variant, fn=fn, signature=sig, constexprs=consts,
+                   options={"num_warps": _warps(block_d)},
+                   tiles={"BLOCK_N": block_n, "BLOCK_C": block_c, "BLOCK_D": block_d})
