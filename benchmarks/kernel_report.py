@@ -129,13 +129,18 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="comma-separated kernel names (forward, grad_x, grad_w, "
                                                      "grad_w_atomic, epl); default all")
     parser.add_argument("--dtypes", default="", help="comma-separated dtypes (fp32, bf16, bf16_wf32); default all")
+    parser.add_argument("--sampled", choices=("both", "yes", "no"), default="both",
+                        help="the Partial-FC (sampled rows) launches, the all-rows ones, or both")
     parser.add_argument("--candidates", action="store_true", help="compile the GPU sweep's candidate tiles")
     args = parser.parse_args(argv)
     only = set(filter(None, args.only.split(",")))
     dtypes = set(filter(None, args.dtypes.split(",")))
     rows = []
     for launch in launches(args.candidates):
-        if (only and launch["kernel"] not in only) or (dtypes and launch["dtype"] not in dtypes):
+        name = launch["kernel"] + ("_atomic" if launch["variant"] == "atomic" else "")
+        if (only and name not in only) or (dtypes and launch["dtype"] not in dtypes):
+            continue
+        if args.sampled != "both" and launch["sampled"] != (args.sampled == "yes") and launch["kernel"] != "epl":
             continue
         rows.append(compile_one(launch, args.arch))
         print(json.dumps({k: v for k, v in rows[-1].items()}), file=sys.stderr, flush=True)

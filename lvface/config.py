@@ -144,6 +144,11 @@ class LossConfig:
     logits) or dense (reference)."""
     chunk_mb: int = 64
     """Memory budget of one chunk of the chunked path, in MiB."""
+    head_dtype: str = "auto"
+    """Operand dtype of the Triton margin-CE kernels: auto (bf16 on CUDA when the embeddings arrive in bf16,
+    i.e. train.precision bf16; fp32 on the CPU and otherwise), fp32, or bf16 (a bf16 copy of the embeddings
+    and of W, refreshed once per head step; products accumulate, and W, its gradient and the loss stay, in fp32).
+    bf16 needs loss.impl triton, triton_atomic or auto on CUDA."""
 
 
 @dataclass
@@ -264,6 +269,7 @@ _OWN_CHOICES = {
     "optimizer.name": ("adamw",),
     "schedule.decay": ("polynomial", "cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "loss.head_dtype": ("auto", "fp32", "bf16"),
 }
 
 
