@@ -285,10 +285,12 @@ CANDIDATES = {
     "forward": [Tiles(64, 64), Tiles(64, 128, 8, 2), Tiles(128, 64, 8, 2), Tiles(32, 32), Tiles(64, 32, 4, 3)],
     "grad_x": [Tiles(32, 32), Tiles(32, 16), Tiles(16, 32), Tiles(64, 32, 16, 3), Tiles(32, 64, 8, 2, 128)],
     "grad_w": [Tiles(32, 16), Tiles(16, 32), Tiles(64, 16), Tiles(64, 32, 16, 3), Tiles(32, 32, 8, 2, 32)],
-    "grad_w_atomic": [Tiles(32, 16), Tiles(16, 16, block_k=32), Tiles(64, 16), Tiles(64, 32, 16, 3)],
+    "grad_w_atomic": [Tiles(16, 16, block_k=32), Tiles(32, 16), Tiles(64, 16), Tiles(64, 32, 16, 3)],
 }
-"""The GPU sweep's candidates per kernel (BLOCK_N, BLOCK_C, warps, stages, BLOCK_K), the defaults first:
-benchmarks/kernel_report.py --candidates shows which of them spill on sm_90 before any is timed."""
+"""The GPU sweep's candidates per kernel (BLOCK_N, BLOCK_C, warps, stages, BLOCK_K), the TILES of either
+dtype among them: benchmarks/kernel_report.py --candidates shows which spill on sm_90 before any is timed
+(at bf16 the 64-row ones take wgmma and spill, e.g. grad_w 64 x 16: 32 / 16 bytes; only a GPU can say
+whether the tensor-core instruction outweighs the spill traffic)."""
 
 
 def default_tiles(kernel: str, dim: int, element_size: int) -> Tiles:
