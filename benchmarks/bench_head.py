@@ -22,8 +22,9 @@ CE pass).
 
     python benchmarks/bench_head.py --batch 1024 --classes 200000 --dim 512 --sample-rate 1.0 \
         --ranks 2 --impl dense chunked --steps 3 --json head.json
-    python benchmarks/bench_head.py --device cuda --ranks 1 --batch 24576 --classes 32187 --dtype bf16 \
-        --impl triton dense chunked --json head_gpu.json          # the WebFace42M per-rank shape
+    python benchmarks/bench_head.py --device cuda --ranks 1 --batch 24576 --classes 32187 --embeddings bf16 \
+        --impl triton triton_atomic dense chunked --json head_gpu.json   # the WebFace42M per-rank shape, in the
+                                                                         # training dtypes (fp32 W, bf16 embeddings)
     python benchmarks/bench_head.py --micro sampler epl bound --batch 24576 --classes 32187 --json micro.json
 
 --micro runs single-process micro-benchmarks instead (--batch is N, --classes is C_local): the
@@ -55,6 +56,7 @@ import torch.multiprocessing as mp
 from lvface.distributed import free_port
 from lvface.config import LossConfig, StageConfig
 from lvface.heads import IMPLS, ShardedMarginHead
+from lvface.kernels import registry
 from lvface.metrics import proc_status_bytes
 
 log = logging.getLogger("bench_head")
@@ -70,7 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample-rate", type=float, default=1.0, help="Partial-FC sample rate r")
     parser.add_argument("--ranks", type=int, default=2, help="processes (class shards)")
     parser.add_argument("--impl", nargs="+", default=["dense", "chunked"], choices=list(IMPLS))
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="dtype of the head (W, P, embeddings)")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                        help="dtype of the head's parameters W, P (training keeps them fp32)")
+    parser.add_argument("--embeddings", default=None, choices=list(DTYPES),
+                        help="dtype of the embeddings handed to the head (training: the backbone's, bf16 under "
+                             "train.precision=bf16); default --dtype")
+    parser.add_argument("--head-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="loss.head_dtype: the Triton kernels' operands (auto: bf16 on CUDA for bf16 embeddings)")
     parser.add_argument("--micro", nargs="+", default=None, choices=["sampler", "epl", "bound"],
                         help="run these micro-benchmarks instead of the head")
     parser.add_argument("--centers", default="learned", choices=["learned", "both"], help="CE against W, or W and P")
@@ -105,11 +113,13 @@ def _rank_main(rank: int, args: argparse.Namespace, impl: str, port: int, out_di
     group = dist.new_group(list(range(args.ranks)))
     base_rss = _status_mb("VmRSS")
     stage = StageConfig(name="bench", sample_rate=args.sample_rate, centers=args.centers)
-    loss_cfg = LossConfig(stages=[stage], impl=impl, chunk_mb=args.chunk_mb)
+    loss_cfg = LossConfig(stages=[stage], impl=impl, chunk_mb=args.chunk_mb,
+                          head_dtype=args.head_dtype)
     head = ShardedMarginHead(args.classes, args.dim, loss_cfg, group=group, seed=0).to(device=device, dtype=DTYPES[args.dtype])
     generator = torch.Generator().manual_seed(1000 + rank)
     local = args.batch // args.ranks
-    embeddings = torch.randn(local, args.dim, generator=generator).to(device).requires_grad_()
+    embeddings = torch.randn(local, args.dim, generator=generator).to(device, DTYPES[args.embeddings or args.dtype])
+    embeddings.requires_grad_()
     labels = torch.randint(0, args.classes, (local,), generator=generator).to(device)
     times = []
     for step in range(args.steps + 1):
@@ -131,6 +141,7 @@ def _rank_main(rank: int, args: argparse.Namespace, impl: str, port: int, out_di
         "workspace_mb": head.workspace_bytes / MB,
         "threads": torch.get_num_threads(),
         "resolved_impl": head.resolved_impl,
+        "operand_dtype": str(head.operand_dtype).removeprefix("torch."),
         "c_used": max(1, int(args.sample_rate * head.num_local_classes)) if args.sample_rate < 1 else head.num_local_classes,
     }
     if device.type == "cuda":
@@ -154,7 +165,8 @@ def run_impl(args: argparse.Namespace, impl: str) -> dict:
         "w_mb": biggest, "workspace_mb": workspace, "centers": args.centers, "chunk_mb": args.chunk_mb,
         "steps": args.steps, "threads": ranks[0]["threads"],
         "device": args.device, "torch": torch.__version__, "dtype": args.dtype,
-        "resolved_impl": ranks[0]["resolved_impl"],
+        "resolved_impl": ranks[0]["resolved_impl"], "embeddings": args.embeddings or args.dtype,
+        "head_dtype": args.head_dtype, "operand_dtype": ranks[0]["operand_dtype"],
     }
     if "peak_cuda_mb" in ranks[0]:
         record["peak_cuda_mb"] = max(r["peak_cuda_mb"] for r in ranks)
@@ -260,19 +272,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return run_micro(args)
     records = []
     for impl in args.impl:
-        if impl.startswith("triton") and args.device == "cpu" and not _interpreting():
-            log.info("triton on the CPU needs TRITON_INTERPRET=1 and its timings mean nothing: skipped")
+        backend = None if impl == "auto" else registry.lookup(impl)
+        if backend is not None and args.device == "cpu" and not backend.runs_on("cpu"):
+            log.info("%s on the CPU needs %s=1 and its timings mean nothing: skipped", impl, backend.interpreter_env)
             continue
         records.append(run_impl(args, impl))
         _write(args, records)  # after every implementation: a later crash keeps the earlier figures
     header = (
-        f"{'impl':8} {'dtype':5} {'batch':>6} {'classes':>9} {'dim':>5} {'r':>5} {'ranks':>5} {'ms':>9} "
+        f"{'impl':13} {'W':4} {'x':4} {'reads':8} {'batch':>6} {'classes':>9} {'dim':>5} {'r':>5} {'ranks':>5} {'ms':>9} "
         f"{'TFLOP/s':>8} {'peak MB':>8} {'floor MB':>8} {'base MB':>8}"
     )
     log.info(header)
     for r in records:
         log.info(
-            f"{r['impl']:8} {r['dtype']:5} {r['batch']:>6} {r['classes']:>9} {r['dim']:>5} {r['sample_rate']:>5g} "
+            f"{r['impl']:13} {r['dtype']:4} {r['embeddings']:4} {r['operand_dtype']:8} {r['batch']:>6} {r['classes']:>9} {r['dim']:>5} {r['sample_rate']:>5g} "
             f"{r['ranks']:>5} {r['ms']:>9.1f} {r['tflops']:>8.3f} {r['peak_mb']:>8.0f} {r['floor_mb']:>8.0f} "
             f"{r['base_rss_mb']:>8.0f}"
         )

@@ -41,6 +41,8 @@ class HeadBackend:
     """The EPL prototype update that runs beside it: a key of kernels/epl_update.EPL_IMPLS."""
     deterministic: bool = True
     """Whether the loss and gradients are bitwise the same run to run on the same machine."""
+    bf16_operands: bool = False
+    """Whether it can read bf16 copies of the embeddings and W while accumulating in fp32 (loss.head_dtype)."""
     default_on: tuple[str, ...] = ()
     """Device types on which `auto` picks it ("*": any; earlier rows win)."""
     requires: str | None = None
@@ -168,12 +170,12 @@ def _triton(backward: str) -> Callable[[Any], Any]:
 
 register(HeadBackend(
     "triton", _triton("two_pass"), devices=("cuda",), epl_impl="triton", default_on=("cuda",), requires="triton",
-    interpreter_env="TRITON_INTERPRET",
+    bf16_operands=True, interpreter_env="TRITON_INTERPRET",
     summary="fused Triton kernels (kernels/triton_margin_ce.py), backward in two recompute passes",
 ))
 register(HeadBackend(
     "triton_atomic", _triton("atomic"), devices=("cuda",), epl_impl="triton", deterministic=False,
-    requires="triton", interpreter_env="TRITON_INTERPRET",
+    bf16_operands=True, requires="triton", interpreter_env="TRITON_INTERPRET",
     summary="the Triton kernels with a one-pass backward adding d embeddings with fp32 atomics",
 ))
 register(HeadBackend(

@@ -183,15 +183,23 @@ class LossConfig:
     """Memory budget of one chunk of the chunked path, in MiB (fractions allowed: tests use a few hundred
     bytes to force many chunks)."""
 
+    head_dtype: str = "auto"
+    """Operand dtype of the Triton margin-CE kernels: auto (bf16 on CUDA when the embeddings arrive in bf16,
+    i.e. train.precision bf16; fp32 on the CPU and otherwise), fp32, or bf16 (a bf16 copy of the embeddings
+    and of W, refreshed once per head step; products accumulate, and W, its gradient and the loss stay, in fp32).
+    bf16 needs loss.impl triton, triton_atomic or auto on CUDA."""
+
     def validate(self, where: str = "loss") -> None:
         from lvface.heads.margin import GRADIENTS, MARGINS
         from lvface.heads.prototypes import PROTOTYPE_UPDATES
+        from lvface.heads.sharded_softmax import HEAD_DTYPES
         from lvface.kernels.registry import IMPLS
 
         _choose(where, "margin", self.margin, tuple(MARGINS))
         _choose(where, "gradient", self.gradient, tuple(GRADIENTS))
         _choose(where, "prototype_update", self.prototype_update, tuple(PROTOTYPE_UPDATES))
         _choose(where, "impl", self.impl, tuple(IMPLS))
+        _choose(where, "head_dtype", self.head_dtype, HEAD_DTYPES)
         _require(bool(self.stages), where, "stages", "is empty; give at least one stage")
         previous = 0.0
         for i, stage in enumerate(self.stages):

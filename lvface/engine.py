@@ -272,7 +272,7 @@ def train_step(engine, head, head_optimizer, next_batch: Callable[[], tuple[torc
         with timer("backbone"):
             embeddings = engine(images.to(dtype=dtype))
         with timer("head"):
-            loss = head(embeddings.float(), labels)
+            loss = head(embeddings, labels)  # in the backbone's dtype: loss.head_dtype=auto reads it
         with backward_timer(embeddings):
             engine.backward(loss)
         loss_sum += loss.detach()

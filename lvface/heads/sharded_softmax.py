@@ -30,6 +30,9 @@ the first forward, when the device is known, and logged once):
 Every blockwise backend runs under one autograd Function (_MarginCrossEntropy): this module holds the
 collectives and their order, kernels/ the per-shard math; a new backend is one file in kernels/ and
 one row of the registry.
+Operands (loss.head_dtype): W, P and their gradients stay fp32; with bf16 the Triton kernels read bf16
+copies of the unit embeddings and of W / P (one copy per head step, kept while the tensor is unchanged),
+the margin is taken at the fp32 target cosine, and products, statistics and the loss accumulate in fp32.
 """
 
 from __future__ import annotations
@@ -250,11 +253,15 @@ class _MarginCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_hat, centers, local_targets, rows, margin: Margin, backend, group, world_size: int):
+    def forward(ctx, x_hat, centers, local_targets, rows, margin: Margin, backend, group, world_size: int,
+                centers_operand=None):
         s = margin.scale
-        target_cos = target_cosines(x_hat, centers, local_targets, rows)  # (N,) fp32 / fp64
+        target_cos = target_cosines(x_hat, centers, local_targets, rows)  # (N,) fp32 / fp64, from the fp32 values
         has_target = local_targets >= 0
         target_logit = torch.where(has_target, s * margin.target_value(target_cos), torch.zeros_like(target_cos))
+        ctx.grad_dtypes = (x_hat.dtype, centers.dtype)
+        if centers_operand is not None:  # the backend reads narrower copies; the gradients return in fp32
+            x_hat, centers = x_hat.to(centers_operand.dtype), centers_operand
         run_max, run_sum = backend.forward(x_hat, centers, local_targets, rows, target_logit, s)
         global_max = _all_reduce(run_max.clone(), dist.ReduceOp.MAX, group, world_size)  # (N,)
         stats = torch.stack([run_sum * torch.exp(run_max - global_max), target_logit])  # (2, N)
@@ -269,11 +276,15 @@ class _MarginCrossEntropy(torch.autograd.Function):
         x_hat, centers, local_targets, rows, lse, target_cos, target_logit = ctx.saved_tensors
         margin = ctx.margin
         coef = grad_loss.to(lse.dtype) * (margin.scale / x_hat.shape[0])  # a device scalar: no host sync
+        x_dtype, centers_dtype = ctx.grad_dtypes
+        need_x, need_centers = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = x_hat.new_empty(x_hat.shape, dtype=x_dtype) if need_x and x_dtype != x_hat.dtype else None
+        grad_centers = centers.new_empty(centers.shape, dtype=centers_dtype) if need_centers and centers_dtype != centers.dtype else None
         grad_x, grad_centers = ctx.backend.backward(
             x_hat, centers, local_targets, rows, target_logit, margin.target_slope(target_cos), lse, coef,
-            margin.scale, need_x=ctx.needs_input_grad[0], need_centers=ctx.needs_input_grad[1],
+            margin.scale, need_x=need_x, need_centers=need_centers, grad_x=grad_x, grad_centers=grad_centers,
         )
-        return grad_x, grad_centers, None, None, None, None, None, None
+        return grad_x, grad_centers, None, None, None, None, None, None, None
 
 
 def blockwise_margin_cross_entropy(
@@ -286,6 +297,7 @@ def blockwise_margin_cross_entropy(
     world_size: int,
     rows: torch.Tensor | None = None,
     backend=None,
+    centers_operand: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean margin CE of the global batch against the sharded classes, never holding [N, C_used].
 
@@ -296,14 +308,19 @@ def blockwise_margin_cross_entropy(
     rows [C_used] int64 sorted, or None for all C_local rows: the sampled classes.
     backend: a kernels.margin_ce backend object (TorchMarginCE, TritonMarginCE); None = a fresh
       TorchMarginCE with the default 64 MiB chunk budget. The head keeps one across steps.
+    centers_operand: a bf16 copy of `centers` for the backend to read (the embeddings are rounded to its
+      dtype too); the margin, the statistics and both gradients stay in the dtype of the inputs.
     Wire: all_reduce MAX of N numbers, all_reduce SUM of 2N numbers. Returns the scalar loss, identical
     on every rank. Extra memory: the W-sized gradient of `centers` plus the backend's O(N * D) or chunk.
     """
     backend = backend if backend is not None else TorchMarginCE()
     return _MarginCrossEntropy.apply(
-        normalized_embeddings, centers, local_targets, rows, margin, backend, group, world_size
+        normalized_embeddings, centers, local_targets, rows, margin, backend, group, world_size, centers_operand
     )
 
+
+HEAD_DTYPES = ("auto", "fp32", "bf16")
+"""loss.head_dtype values (the operands of the Triton kernels; see LossConfig.head_dtype)."""
 
 # --------------------------------------------------------------------------------------------------
 # The head
@@ -358,6 +375,12 @@ class ShardedMarginHead(nn.Module):
         self.loss_cfg = loss_cfg
         self.margin = margin_from_config(loss_cfg)
         self.impl, self.seed = loss_cfg.impl, seed
+        self.head_dtype = getattr(loss_cfg, "head_dtype", "auto")
+        if self.head_dtype not in HEAD_DTYPES:
+            raise ValueError(f"loss.head_dtype={self.head_dtype!r} is unknown; choose one of {', '.join(HEAD_DTYPES)}")
+        self.operand_dtype: torch.dtype | None = None
+        """The dtype the kernels read, resolved from loss.head_dtype at the first forward."""
+        self._operands: dict[str, tuple[int, int, torch.Tensor]] = {}  # name -> (data_ptr, version, bf16 copy)
         self.class_start, self.num_local_classes = shard_range(num_classes, self.world_size, self.rank)
         self.class_end = self.class_start + self.num_local_classes
         centers = init_centers(num_classes, embedding_size, self.class_start, self.num_local_classes, seed)
@@ -443,14 +466,44 @@ class ShardedMarginHead(nn.Module):
         """Bytes of the chunked path's reused workspace (0 before the first forward, or on other paths)."""
         return getattr(self._backend, "workspace_bytes", 0)
 
+    def _resolve_operand_dtype(self, embeddings: torch.Tensor) -> torch.dtype:
+        """loss.head_dtype -> the kernels' operand dtype, once: auto is bf16 for the Triton kernels on CUDA
+        when the embeddings arrive in bf16 (train.precision bf16), the head's own dtype otherwise."""
+        if self.operand_dtype is None:
+            bf16_capable = registry.lookup(self.resolved_impl).bf16_operands
+            wanted = self.head_dtype
+            if wanted == "auto":
+                cuda_bf16 = self.weight.is_cuda and embeddings.dtype == torch.bfloat16
+                wanted = "bf16" if bf16_capable and cuda_bf16 else "fp32"
+            if wanted == "bf16" and not bf16_capable:
+                capable = ", ".join(name for name, b in registry.BACKENDS.items() if b.bf16_operands)
+                raise ValueError(f"loss.head_dtype=bf16 needs a loss.impl that reads bf16 operands ({capable}; "
+                                 f"resolved {self.resolved_impl}); set loss.head_dtype to auto or fp32")
+            self.operand_dtype = torch.bfloat16 if wanted == "bf16" else self.weight.dtype
+        return self.operand_dtype
+
+    def _operand(self, name: str, centers: torch.Tensor) -> torch.Tensor | None:
+        """The bf16 copy of W or P the kernels read, or None when they read the fp32 tensor itself. Made once
+        per head step: kept while the tensor is unchanged (same storage and version counter), dropped when
+        the optimizer steps (clear_touched_rows) or the prototypes are updated."""
+        if self.operand_dtype == centers.dtype:
+            return None
+        key = (centers.data_ptr(), centers._version)
+        cached = self._operands.get(name)
+        if cached is None or cached[:2] != key:
+            cached = (*key, centers.detach().to(self.operand_dtype))
+            self._operands[name] = cached
+        return cached[2]
+
     def _cross_entropy(self, x_hat, centers, targets, rows) -> torch.Tensor:
         if self._backend is None:
             return dense_margin_cross_entropy(
                 x_hat, centers, targets, self.margin, group=self.group, world_size=self.world_size, rows=rows
             )
+        name = "weight" if centers is self.weight else "prototypes"
         return blockwise_margin_cross_entropy(
             x_hat, centers, targets, self.margin, group=self.group, world_size=self.world_size, rows=rows,
-            backend=self._backend,
+            backend=self._backend, centers_operand=self._operand(name, centers),
         )
 
     def _center_penalty(self, local_labels: torch.Tensor) -> torch.Tensor:
@@ -466,6 +519,7 @@ class ShardedMarginHead(nn.Module):
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         self._check_global_batch(local_embeddings, local_labels)
         self._resolve_impl(self.weight.device)
+        self._resolve_operand_dtype(local_embeddings)
         stage = self.stage
         dtype = self.weight.dtype
         # The global batch, in the head's precision (fp32 gather; the gradient returns in fp32 too).
@@ -530,13 +584,16 @@ class ShardedMarginHead(nn.Module):
         return self._touched.nonzero(as_tuple=True)[0]
 
     def clear_touched_rows(self) -> None:
+        """Called after every head optimizer step: the bf16 copies of W and P are made again at the next forward."""
         self._touched, self._all_touched = None, False
+        self._operands.clear()
 
     @torch.no_grad()
     def update_prototypes(self) -> int:
         """Apply the EPL update for the classes of this shard seen since the last call (all micro-batches
         of the step merged: once per class, from the class mean). Call after backward. Returns the number
         of classes updated."""
+        self._operands.pop("prototypes", None)  # the Triton EPL update writes P without a version bump
         if not self._pending:
             return 0
         x_hat = torch.cat([p[0] for p in self._pending])  # (K * N, D)

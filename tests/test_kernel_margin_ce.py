@@ -1,9 +1,6 @@
-"""Tests of lvface/kernels: the margin CE backends, the Partial-FC sampler, the EPL update, the dispatch.
-
-The Triton kernels run on this CPU under the interpreter (TRITON_INTERPRET=1), natively where CUDA is
-present. triton.jit reads TRITON_INTERPRET when a kernel module is imported, so the interpreted tests run
-in the rank-pool processes of tests/dist_utils.py, which set the variable before their first import of
-lvface.kernels.triton_*; this process never imports those modules (other tests are unaffected).
+"""Tests of the margin cross-entropy kernels (lvface/kernels/margin_ce.py, triton_margin_ce.py): the
+backends against float64 references, the head on them, the dispatch, and the sm_90 compile of every
+launch (zero spills). Interpreter set-up: tests/kernel_utils.py.
 
 References are float64 and dense (autograd over the [N, C] block) on the same input values (bf16 / fp16
 inputs are rounded first, then widened), so the comparison measures the kernels' arithmetic only:
@@ -23,14 +20,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dist_utils import run_on_ranks
+from kernel_utils import INTERPRET_TIMEOUT, assert_close_relative, use_interpreter
+from kernel_utils import device as run_device
 
 from lvface.config import LossConfig, StageConfig
 from lvface.heads import ShardedMarginHead, init_centers
 from lvface.heads.margin import Margin
-from lvface.kernels.epl_update import epl_update_
-from lvface.kernels.pfc_sample import host_select_rows, sample_seed, select_rows
-
-INTERPRET_TIMEOUT = 900.0  # seconds for one interpreted batch on a busy 2-core machine
 
 MARGINS = {
     "arcface": Margin(64.0, 1.0, 0.5, 0.0, "insightface"),
@@ -43,6 +38,7 @@ TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
 # "tails" has 3 row blocks (the last of 6 rows), 3 class blocks (the last of 22) in 2 class splits
 # (128 + 22 classes) merged after the kernel
 SHAPES = {"small": (37, 23, 24, 64, 64), "tails": (70, 150, 40, 32, 64)}
+BLOCK_K = 16  # the backward's slices of D: 2 at D = 24, 4 at D = 40 (the third partly, the fourth wholly masked)
 KERNEL_CASES = [
     (shape, dtype, sampled, margin, "two_pass")
     for shape, dtypes in (("small", ("fp32", "bf16", "fp16")), ("tails", ("fp32",)))
@@ -57,16 +53,6 @@ KERNEL_CASES = [
     for sampled in (False, True)
     for margin in margins
 ]
-
-
-def _use_interpreter() -> None:
-    """Interpret the Triton kernels unless a GPU is present (call before importing them)."""
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def shard_inputs(shape: str, dtype: str, sampled: bool):
@@ -105,11 +91,11 @@ def shard_reference(x_hat, centers, targets, rows, margin: Margin):
 
 def kernel_cases(rank, world, group, cases):
     """Run the Triton backend on every case with poisoned outputs; returns what the kernels wrote."""
-    _use_interpreter()
+    use_interpreter()
     from lvface.kernels.margin_ce import target_cosines
     from lvface.kernels.triton_margin_ce import TritonMarginCE
 
-    device = _device()
+    device = run_device()
     out = []
     for shape, dtype, sampled, margin_name, backward in cases:
         margin = MARGINS[margin_name]
@@ -117,7 +103,8 @@ def kernel_cases(rank, world, group, cases):
         n = x_hat.shape[0]
         _, _, _, block_n, block_c = SHAPES[shape]
         backend = TritonMarginCE(block_n=block_n, block_c=block_c, max_splits=2 if shape == "tails" else None,
-                                 backward=backward, fp32_precision="ieee")  # the 1e-5 contract, also on a GPU
+                                 backward=backward, fp32_precision="ieee",  # the 1e-5 contract, also on a GPU
+                                 block_k=BLOCK_K)
         s = margin.scale
         target_cos = target_cosines(x_hat, centers, targets, rows)
         target_logit = torch.where(targets >= 0, s * margin.target_value(target_cos), torch.zeros_like(target_cos))
@@ -137,13 +124,6 @@ def kernel_cases(rank, world, group, cases):
     return out
 
 
-def _assert_close_relative(got, want, tol, what):
-    """|got - want| <= tol * (|want| + max |want|): relative to the entry and to the tensor's scale."""
-    got = got.double()
-    assert not torch.isnan(got).any(), f"{what}: unwritten (NaN) elements at {torch.isnan(got).nonzero()[:5].tolist()}"
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()), msg=what)
-
-
 @pytest.fixture(scope="module")
 def kernel_results():
     return run_on_ranks(kernel_cases, 1, KERNEL_CASES, timeout=INTERPRET_TIMEOUT)[0]
@@ -159,9 +139,9 @@ def test_triton_margin_ce_matches_float64_reference(kernel_results, index):
     tol = TOLERANCE[dtype]
     assert torch.equal(got["max_written"].isnan(), torch.zeros_like(lse, dtype=torch.bool)), "row max not written"
     assert torch.equal(got["sum_written"].isnan(), torch.zeros_like(lse, dtype=torch.bool)), "row sum not written"
-    _assert_close_relative(got["lse"], lse, tol, "log-sum-exp")
-    _assert_close_relative(got["grad_x"], grad_x, tol, "d loss / d x_hat")
-    _assert_close_relative(got["grad_centers"], grad_centers, tol, "d loss / d centers")
+    assert_close_relative(got["lse"], lse, tol, "log-sum-exp")
+    assert_close_relative(got["grad_x"], grad_x, tol, "d loss / d x_hat")
+    assert_close_relative(got["grad_centers"], grad_centers, tol, "d loss / d centers")
     if rows is not None:  # rows outside the sample: exactly zero
         unused = torch.ones(centers.shape[0], dtype=torch.bool)
         unused[rows] = False
@@ -191,16 +171,119 @@ def test_torch_backend_matches_float64_reference():
             torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
 
 
+# bf16 operands (loss.head_dtype=bf16): fp32 embeddings and centers, rounded to bf16 for the kernels only
+# --------------------------------------------------------------------------------------------------
+#
+# Tolerances, derived (u = 2**-8: bf16 keeps 8 significant bits, so rounding to nearest errs by at most u
+# relative; 2**-7 is the spacing at 1):
+# * against float64 on the SAME rounded operands (what the kernels add): products of two bf16 values are
+#   exact in fp32 and summed in fp32 over D, so a logit errs by at most s * D * 2**-24 (the lse by as
+#   much, plus fp32's exp / log); the gradient tile G = dL/dcos is rounded to bf16 once before its
+#   product, by r relative, so dx_n errs by at most r * sum_j |G_nj| |w_hat_j| (entrywise) and dw_j (a
+#   projection of g_j = sum_n G_nj x_n, divided by |w_j|) by at most r * || sum_n |G_nj| |x_n| || / |w_j|;
+#   plus the fp32 contract's 1e-5 of the scale for everything else. r = u on a GPU (cvt.rn); the triton
+#   3.9 interpreter's fp32 -> bf16 conversion is not round-to-nearest (measured: up to 0.0075 relative,
+#   it ignores fp_downcast_rounding), so under the interpreter r = 2u.
+# * against float64 on the fp32 operands (what the rounding costs): |dx| <= u |x| and |d w_hat| <= 2u
+#   per row, so by Cauchy-Schwarz a logit moves by at most 3 u s (the target logit is computed from
+#   the fp32 values, not rounded), and the lse, a softmax-weighted mean of the logits, by as much.
+BF16_EPS = 2.0**-8
+BF16_CASES = [(shape, sampled, margin, backward) for shape in ("small", "tails") for sampled in (False, True)
+              for margin, backward in (("arcface", "two_pass"), ("arcface_exact", "atomic"))]
+
+
+def bf16_operand_cases(rank, world, group, cases):
+    """The kernels as the head runs them with loss.head_dtype=bf16: bf16 copies in, fp32 gradients out."""
+    use_interpreter()
+    from lvface.kernels.margin_ce import target_cosines
+    from lvface.kernels.triton_margin_ce import TritonMarginCE
+
+    device = run_device()
+    out = []
+    for shape, sampled, margin_name, backward in cases:
+        margin = MARGINS[margin_name]
+        x_hat, centers, targets, rows = (t if t is None else t.to(device) for t in shard_inputs(shape, "fp32", sampled))
+        _, _, _, block_n, block_c = SHAPES[shape]
+        backend = TritonMarginCE(block_n=block_n, block_c=block_c, max_splits=2 if shape == "tails" else None,
+                                 backward=backward, block_k=BLOCK_K)
+        s, n = margin.scale, x_hat.shape[0]
+        target_cos = target_cosines(x_hat, centers, targets, rows)  # from the fp32 values, as the head does
+        target_logit = torch.where(targets >= 0, s * margin.target_value(target_cos), torch.zeros_like(target_cos))
+        x16, w16 = x_hat.bfloat16(), centers.bfloat16()
+        row_max, row_sum = backend.forward(x16, w16, targets, rows, target_logit, s)
+        lse = row_max + row_sum.log()
+        grad_x = torch.full_like(x_hat, float("nan"))
+        grad_centers = torch.full_like(centers, float("nan"))
+        backend.backward(x16, w16, targets, rows, target_logit, margin.target_slope(target_cos), lse,
+                         torch.tensor(s / n, device=device), s, grad_x=grad_x, grad_centers=grad_centers)
+        out.append({"lse": lse.cpu(), "grad_x": grad_x.cpu(), "grad_centers": grad_centers.cpu()})
+    return out
+
+
+def bf16_reference(x_hat, centers, targets, rows, margin: Margin):
+    """float64 on the bf16-rounded operands, the target logit s * psi(t) (and its slope) taken at the fp32
+    operands' target cosine t as the head does: lse, dx, dw, and G = dL/dcos for the bounds."""
+    x = x_hat.bfloat16().double().requires_grad_()
+    w = centers.bfloat16().double().requires_grad_()
+    used = w if rows is None else w[rows]
+    w_exact = centers.double() if rows is None else centers.double()[rows]
+    cos = x @ F.normalize(used, dim=1).t()
+    cos.retain_grad()
+    has = targets >= 0
+    mask = torch.zeros_like(cos, dtype=torch.bool)
+    mask[has.nonzero(as_tuple=True)[0], targets[has]] = True
+    t = (x_hat.double() * F.normalize(w_exact, dim=1)[targets.clamp(min=0)]).sum(dim=1)
+    s = margin.scale
+    target = s * margin.target_value(t) + s * margin.target_slope(t) * (cos - cos.detach()).masked_fill(~mask, 0).sum(1)
+    logits = torch.where(mask, target.unsqueeze(1), s * cos)
+    lse = torch.logsumexp(logits, dim=1)
+    (lse - torch.where(has, target, torch.zeros_like(target))).mean().backward()
+    return lse.detach(), x.grad, w.grad, cos.grad, x.detach(), w.detach()
+
+
+@pytest.fixture(scope="module")
+def bf16_results():
+    return run_on_ranks(bf16_operand_cases, 1, BF16_CASES, timeout=INTERPRET_TIMEOUT)[0]
+
+
+@pytest.mark.parametrize("index", range(len(BF16_CASES)), ids=["-".join(map(str, c)) for c in BF16_CASES])
+def test_bf16_operands_match_float64_within_derived_bounds(bf16_results, index):
+    if torch.cuda.is_available():
+        pytest.skip("the bounds assume exact fp32 products; test_cuda covers the native run")
+    shape, sampled, margin_name, _ = BF16_CASES[index]
+    got = bf16_results[index]
+    x_hat, centers, targets, rows = shard_inputs(shape, "fp32", sampled)
+    margin = MARGINS[margin_name]
+    lse, grad_x, grad_w, grad_cos, x_r, w_r = bf16_reference(x_hat, centers, targets, rows, margin)
+    s, dim, r = margin.scale, x_hat.shape[1], 2 * BF16_EPS
+    fp32 = 1e-5  # the fp32 contract of test_triton_margin_ce_matches_float64_reference
+    lse_bound = s * dim * 2.0**-24 + fp32 * float(lse.abs().max())
+    assert float((got["lse"].double() - lse).abs().max()) <= lse_bound, "lse beyond fp32 arithmetic"
+    used = w_r if rows is None else w_r[rows]
+    w_hat = F.normalize(used, dim=1)
+    dx_bound = r * float((grad_cos.abs() @ w_hat.abs()).max()) + fp32 * float(grad_x.abs().max())
+    assert not got["grad_x"].isnan().any()
+    assert float((got["grad_x"].double() - grad_x).abs().max()) <= dx_bound, "d x_hat beyond one bf16 rounding of G"
+    spread = (grad_cos.abs().t() @ x_r.abs()).norm(dim=1) / used.norm(dim=1)  # (C_used,)
+    dw_bound = r * float(spread.max()) + fp32 * float(grad_w.abs().max())
+    got_w = got["grad_centers"].double()
+    assert not got_w.isnan().any()
+    assert float((got_w - grad_w).abs().max()) <= dw_bound, "d centers beyond one bf16 rounding of G"
+    # what the rounding of the operands costs, against the fp32 operands
+    exact_lse, _, _ = shard_reference(x_hat, centers, targets, rows, margin)
+    assert float((got["lse"].double() - exact_lse).abs().max()) <= 3 * BF16_EPS * s + lse_bound
+
+
 # --------------------------------------------------------------------------------------------------
 # The whole head with loss.impl=triton (interpreted) on 1 and 2 gloo ranks
 # --------------------------------------------------------------------------------------------------
 
 
 def head_cases(rank, world, group, cases, dtype):
-    _use_interpreter()
+    use_interpreter()
     from test_sharded_softmax import run_cases
 
-    return run_cases(rank, world, group, cases, dtype, _device())
+    return run_cases(rank, world, group, cases, dtype, run_device())
 
 
 @pytest.mark.cuda
@@ -232,117 +315,80 @@ def test_head_with_triton_matches_dense(world, impl):
         grad_weight = torch.cat([r["grad_weight"] for r in triton_ranks])
         # fp32 head vs the float64 reference: the head's own fp32 steps (normalisation of the gathered
         # rows, the loss mean) round too, so 1e-5 of the scale
-        _assert_close_relative(triton_ranks[0]["loss"], loss, tol, f"loss, {where}")
-        _assert_close_relative(grad_embeddings, world * grad_x, tol, f"d loss / d embeddings x W, {where}")
-        _assert_close_relative(grad_weight, grad_w, tol, f"d loss / d W, {where}")
+        assert_close_relative(triton_ranks[0]["loss"], loss, tol, f"loss, {where}")
+        assert_close_relative(grad_embeddings, world * grad_x, tol, f"d loss / d embeddings x W, {where}")
+        assert_close_relative(grad_weight, grad_w, tol, f"d loss / d W, {where}")
         # and triton == dense, both fp32
         dense_x = torch.cat([r["grad_embeddings"] for r in dense_ranks])
         dense_w = torch.cat([r["grad_weight"] for r in dense_ranks])
-        _assert_close_relative(triton_ranks[0]["loss"], dense_ranks[0]["loss"].double(), tol, f"loss vs dense, {where}")
-        _assert_close_relative(grad_embeddings, dense_x.double(), tol, f"d embeddings vs dense, {where}")
-        _assert_close_relative(grad_weight, dense_w.double(), tol, f"d W vs dense, {where}")
+        assert_close_relative(triton_ranks[0]["loss"], dense_ranks[0]["loss"].double(), tol, f"loss vs dense, {where}")
+        assert_close_relative(grad_embeddings, dense_x.double(), tol, f"d embeddings vs dense, {where}")
+        assert_close_relative(grad_weight, dense_w.double(), tol, f"d W vs dense, {where}")
         for r in triton_ranks[1:]:
             assert torch.equal(r["loss"], triton_ranks[0]["loss"]), f"loss differs across ranks, {where}"
         assert grad_embeddings.shape[0] == batch * world
 
 
-# --------------------------------------------------------------------------------------------------
-# EPL update
-# --------------------------------------------------------------------------------------------------
+def head_bf16_case(rank, world, group):
+    """One head with loss.head_dtype=bf16 (interpreted): its loss and gradients' dtypes, and when its bf16
+    copy of W is made again."""
+    use_interpreter()
+    from test_sharded_softmax import DIM, GLOBAL_BATCH, NUM_CLASSES, global_inputs
 
-EPL_CASES = [("adaptive", torch.float32), ("momentum", torch.float32), ("adaptive", torch.bfloat16)]
-
-
-def epl_inputs(feature_dtype):
-    generator = torch.Generator().manual_seed(5)
-    prototypes = F.normalize(torch.randn(19, 24, generator=generator), dim=1)
-    prototypes[[2, 7]] = 0.0  # never seen: the first update makes them the class mean
-    classes = torch.tensor([7, 3, 3, 11, 7, 7, 0, 18, 3, 2, 11, 5])  # repeats, unsorted
-    features = F.normalize(torch.randn(classes.numel(), 24, generator=generator), dim=1).to(feature_dtype)
-    return prototypes, features, classes
-
-
-def epl_cases(rank, world, group, cases):
-    _use_interpreter()
-    device = _device()
-    out = []
-    for mode, feature_dtype in cases:
-        prototypes, features, classes = (t.to(device) for t in epl_inputs(feature_dtype))
-        count = epl_update_(prototypes, features, classes, mode=mode, momentum=0.8, impl="triton")
-        out.append((count, prototypes.cpu()))
+    embeddings, labels, _ = global_inputs(torch.float32)
+    cfg = LossConfig(stages=[StageConfig(name="early", sample_rate=1.0, centers="learned")], head_dtype="bf16")
+    head = ShardedMarginHead(NUM_CLASSES, DIM, cfg, group=None, impl="triton", seed=3)
+    x = embeddings.clone().requires_grad_()
+    loss = head(x, labels)
+    loss.backward()
+    copy = head._operands["weight"][2]
+    out = {"loss": loss.detach(), "operand": head.operand_dtype, "grad_dtypes": (x.grad.dtype, head.weight.grad.dtype),
+           "copy_dtype": copy.dtype, "copy_equal": torch.equal(copy, head.weight.detach().bfloat16()),
+           "grad_x": x.grad, "grad_w": head.weight.grad.clone()}
+    head(embeddings, labels)
+    out["kept"] = head._operands["weight"][2] is copy  # W unchanged: the same copy
+    with torch.no_grad():
+        head.weight[1:] += 0.5 * head.weight[:-1]  # an in-place change (version counter)
+    changed = head(embeddings, labels).detach()
+    fresh = ShardedMarginHead(NUM_CLASSES, DIM, cfg, group=None, impl="triton", seed=3)
+    with torch.no_grad():
+        fresh.weight.copy_(head.weight)
+    out["changed_equal_fresh"] = torch.equal(changed, fresh(embeddings, labels).detach())
+    head.clear_touched_rows()  # what the head optimizer calls after every step
+    out["cleared"] = not head._operands
+    assert GLOBAL_BATCH == labels.numel()
     return out
 
 
-@pytest.mark.cuda
-def test_triton_epl_update_matches_torch_reference():
-    results = run_on_ranks(epl_cases, 1, EPL_CASES, timeout=INTERPRET_TIMEOUT)[0]
-    for (mode, feature_dtype), (count, got) in zip(EPL_CASES, results):
-        prototypes, features, classes = epl_inputs(feature_dtype)
-        want = prototypes.double()
-        assert epl_update_(want, features.double(), classes, mode=mode, momentum=0.8, impl="torch") == count == 7
-        untouched = torch.ones(19, dtype=torch.bool)
-        untouched[classes] = False
-        assert torch.equal(got[untouched], prototypes[untouched]), f"{mode}: rows without samples changed"
-        _assert_close_relative(got, want, 1e-6, f"EPL update, {mode}, {feature_dtype}")
-        torch.testing.assert_close(got[[2, 7]].norm(dim=1), torch.ones(2), rtol=1e-6, atol=1e-6)
+def test_head_bf16_operands_follow_w_and_keep_fp32_gradients():
+    from test_sharded_softmax import NUM_CLASSES, reference
+
+    (got,) = run_on_ranks(head_bf16_case, 1, timeout=INTERPRET_TIMEOUT)
+    assert got["operand"] == torch.bfloat16 and got["copy_dtype"] == torch.bfloat16 and got["copy_equal"]
+    assert got["grad_dtypes"] == (torch.float32, torch.float32), "W and the embeddings get fp32 gradients"
+    assert got["kept"] and got["changed_equal_fresh"] and got["cleared"]
+    loss, grad_x, grad_w = reference("arcface", "early", init_centers(NUM_CLASSES, 8, 0, NUM_CLASSES, seed=3).double(), None)
+    # the loss is a mean of lse - target logit; the target logit is taken at fp32, each lse moves by at most
+    # 3 u s under the operands' rounding (see the bf16 bounds above), plus the fp32 contract
+    bound = 3 * BF16_EPS * 64.0 + 1e-5 * float(loss.abs())
+    assert abs(float(got["loss"]) - float(loss)) <= bound
+    assert torch.isfinite(got["grad_x"]).all() and torch.isfinite(got["grad_w"]).all()
 
 
-def test_epl_update_is_deterministic_with_repeated_labels():
-    """The class mean, not the last sample written: permuting the rows of a class changes nothing
-    beyond rounding, and a class of k copies of one feature moves as a class with that one sample."""
-    prototypes, features, classes = epl_inputs(torch.float64)
-    once = prototypes.double().clone()
-    epl_update_(once, features, classes, mode="adaptive", momentum=0.0)
-    order = torch.randperm(classes.numel(), generator=torch.Generator().manual_seed(1))
-    permuted = prototypes.double().clone()
-    epl_update_(permuted, features[order], classes[order], mode="adaptive", momentum=0.0)
-    torch.testing.assert_close(permuted, once, rtol=1e-12, atol=1e-14)
-    tripled = prototypes.double().clone()
-    epl_update_(tripled, features[:1].repeat(3, 1), classes[:1].repeat(3), mode="adaptive", momentum=0.0)
-    single = prototypes.double().clone()
-    epl_update_(single, features[:1], classes[:1], mode="adaptive", momentum=0.0)
-    torch.testing.assert_close(tripled, single, rtol=1e-12, atol=1e-14)
+def test_head_dtype_resolves_per_device_and_impl():
+    head = _tiny_head("chunked")
+    head(torch.randn(4, 8).bfloat16(), torch.tensor([0, 3, 3, 10]))
+    assert head.operand_dtype == torch.float32  # auto on the CPU: fp32, whatever the embeddings' dtype
+    cfg = LossConfig(stages=[StageConfig()], head_dtype="bf16")
+    with pytest.raises(ValueError, match=r"loss\.head_dtype=bf16 needs loss\.impl triton"):
+        ShardedMarginHead(11, 8, cfg, group=None, impl="chunked")(torch.randn(4, 8), torch.tensor([0, 3, 3, 10]))
+    with pytest.raises(ValueError, match=r"loss\.head_dtype='fp16' is unknown"):
+        ShardedMarginHead(11, 8, LossConfig(stages=[StageConfig()], head_dtype="fp16"), group=None)
+    from lvface.config import ConfigError, from_dict
 
-
-# --------------------------------------------------------------------------------------------------
-# Partial-FC sampler
-# --------------------------------------------------------------------------------------------------
-
-
-def test_device_sampler_draws_the_host_samplers_rows():
-    generator = torch.Generator().manual_seed(3)
-    for num_local, rate, n in ((50, 0.3, 40), (50, 0.3, 8), (1000, 0.1, 64), (7, 0.5, 30)):
-        labels = torch.randint(-1, num_local, (n,), generator=generator)
-        for step in range(3):
-            seed = sample_seed(9, step, 100)
-            rows, targets = select_rows(labels, num_local, rate, seed)
-            host_rows, host_targets = host_select_rows(labels, num_local, rate, seed)
-            assert (rows is None) == (host_rows is None)
-            if rows is None:
-                assert torch.equal(targets, labels)
-                continue
-            assert torch.equal(rows, host_rows) and torch.equal(targets, host_targets)
-            positives = labels[labels >= 0].unique()
-            assert rows.numel() == max(int(rate * num_local), positives.numel())
-            assert torch.equal(rows, rows.sort().values) and rows.unique().numel() == rows.numel()
-            here = labels >= 0
-            assert torch.equal(rows[targets[here]], labels[here]), "remapped labels point at their class"
-            assert torch.equal(targets[~here], labels[~here])
-
-
-def test_sampler_is_deterministic_per_seed_step_and_shard():
-    labels = torch.tensor([3, -1, 3, 17, 40, -1])
-    draw = lambda step, start: select_rows(labels, 64, 0.25, sample_seed(1, step, start))[0]  # noqa: E731
-    assert torch.equal(draw(5, 0), draw(5, 0)), "a resume at step 5 redraws the same sample"
-    assert not torch.equal(draw(5, 0), draw(6, 0))
-    assert not torch.equal(draw(5, 0), draw(5, 64))
-
-
-def test_sampler_keeps_every_positive_beyond_the_budget():
-    labels = torch.arange(20)  # 20 positives, budget int(0.1 * 40) = 4
-    rows, targets = select_rows(labels, 40, 0.1, 0)
-    assert torch.equal(rows, torch.arange(20)) and torch.equal(targets, labels)
-    assert select_rows(torch.arange(40), 40, 0.1, 0)[0] is None  # every row positive: no sample
+    assert from_dict({"loss": {"head_dtype": "bf16"}}).loss.head_dtype == "bf16"
+    with pytest.raises(ConfigError, match="loss.head_dtype"):
+        from_dict({"loss": {"head_dtype": "float16"}})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,76 +458,48 @@ def test_lvface_imports_and_trains_without_triton():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=300)
 
 
+
 # --------------------------------------------------------------------------------------------------
-# Compiled for a GPU ahead of time (catches what the interpreter does not: compile errors, shared memory)
+# Compiled for a GPU ahead of time (catches what the interpreter does not: compile errors, shared memory,
+# register spills), through benchmarks/kernel_report.py
 # --------------------------------------------------------------------------------------------------
 
-_AOT_SCRIPT = r"""
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from lvface.kernels import triton_margin_ce as m
-from lvface.kernels import triton_epl as e
 
-target = GPUTarget("cuda", 90, 32)  # H100 / H200
-out = {}
-for dtype, element_size in (("bf16", 2), ("fp32", 4)):
-    block_n, block_c, block_d = m.TritonMarginCE()._blocks(24576, 512, element_size)
-    consts = dict(HAS_ROWS=True, EPS=1e-12, INPUT_PRECISION="tf32", UPCAST=False,
-                  BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d)
-    atomic_n, atomic_c, _ = m.TritonMarginCE(backward="atomic")._blocks(24576, 512, element_size, atomic=True)
-    head = {"x_ptr": "*" + dtype, "w_ptr": "*" + dtype, "rows_ptr": "*i64", "tgt_ptr": "*i64", "tlogit_ptr": "*fp32"}
-    dims = {"N": "i32", "C": "i32", "D": "i32", "stride_x": "i32", "stride_w": "i32"}
-    meta = {k: "constexpr" for k in consts}
-    signatures = {
-        "forward": (m._forward_kernel, {**head, "max_ptr": "*fp32", "sum_ptr": "*fp32", **dims,
-                                        "classes_per_split": "i32", "scale": "fp32", **meta}),
-    }
-    grads = {"tslope_ptr": "*fp32", "lse_ptr": "*fp32", "coef_ptr": "*fp32"}
-    signatures["grad_x"] = (m._grad_x_kernel, {**head, **grads, "dx_ptr": "*" + dtype, **dims, "stride_dx": "i32",
-                                               "scale": "fp32", **meta})
-    signatures["grad_w"] = (m._grad_w_kernel, {**head, **grads, "dw_ptr": "*" + dtype, "dx_ptr": "*fp32", **dims,
-                                               "stride_dw": "i32", "stride_dx": "i32", "scale": "fp32", **meta,
-                                               "ATOMIC_X": "constexpr"})
-    for name, (kernel, signature) in signatures.items():
-        for atomic in ((False, True) if name == "grad_w" else (None,)):
-            if dtype == "bf16" and name != "grad_w":  # bf16 tiles are half the bytes: the largest one suffices
-                continue
-            constexprs = consts if atomic is None else {**consts, "ATOMIC_X": atomic}
-            if atomic:
-                constexprs.update(BLOCK_N=atomic_n, BLOCK_C=atomic_c)
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                      target=target, options={"num_warps": m._warps(block_d)})
-            out[f"{name}{'_atomic' if atomic else ''}/{dtype}"] = compiled.metadata.shared
-signature = {"feat_ptr": "*fp32", "order_ptr": "*i64", "offsets_ptr": "*i64", "seg_rows_ptr": "*i64",
-             "proto_ptr": "*fp32", "D": "i32", "stride_f": "i32", "stride_p": "i32", "momentum": "fp32",
-             "ADAPTIVE": "constexpr", "EPS": "constexpr", "BLOCK_D": "constexpr"}
-compiled = triton.compile(ASTSource(fn=e._epl_kernel, signature=signature,
-                                    constexprs={"ADAPTIVE": True, "EPS": 1e-12, "BLOCK_D": 512}), target=target)
-out["epl/fp32"] = compiled.metadata.shared
-print(json.dumps(out))
-"""
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels natively above")
-def test_kernels_compile_for_hopper_within_shared_memory():
-    """Every kernel compiles to sm_90 machine code (triton's bundled ptxas) at the production shape
-    D = 512 with the default blocks, within the 227 KB of shared memory an H100 / H200 block may use."""
+def _compile_report(tmp_path, *args) -> list[dict]:
     import json
     from pathlib import Path
 
     triton = pytest.importorskip("triton")
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("this triton has no bundled ptxas")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
+    out = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_report.py"), "--arch", "sm_90",
+                           "--json", str(out), *args], cwd=root, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
-    shared = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(shared) == {"forward/fp32", "grad_x/fp32", "grad_w/fp32", "grad_w/bf16", "grad_w_atomic/fp32",
-                           "grad_w_atomic/bf16", "epl/fp32"}
-    for name, size in shared.items():
-        assert size <= 227 * 1024, f"{name} needs {size} bytes of shared memory, more than an sm_90 block has"
+    return json.loads(out.read_text())["rows"]
+
+
+def _assert_launchable_without_spills(rows):
+    for r in rows:
+        what = f"{r['kernel']}/{r['variant']}/{r['dtype']}/{'sampled' if r['sampled'] else 'all rows'}"
+        assert r["smem"] <= 227 * 1024, f"{what} needs {r['smem']} bytes of shared memory, more than an sm_90 block has"
+        assert r["spill_bytes"] == 0, f"{what} spills {r['spill_stores']} B / loads {r['spill_loads']} B at {r['tiles']}"
+        assert r["blocks_per_sm"] >= 1, what
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels natively above")
+def test_kernels_compile_for_hopper_without_spills(tmp_path):
+    """Every launch of the margin CE at the default tiles (forward, grad_x, grad_w, the atomic grad_w; fp32
+    and bf16 operands) with Partial-FC rows (the gather: the larger register footprint), and the EPL
+    update, compile for sm_90 at D = 512 with zero spill bytes, within an sm_90 block's shared memory, and
+    the bf16 products take the Hopper tensor-core instruction (wgmma). The all-rows launches are the
+    same code without the row gather: benchmarks/kernel_report.py compiles them (~1 more minute)."""
+    rows = _compile_report(tmp_path, "--dtypes", "fp32,bf16", "--sampled", "yes")
+    names = {(r["kernel"], r["variant"], r["dtype"]) for r in rows}
+    assert names == {(k, v, d) for k, v in (("forward", "-"), ("grad_x", "two_pass"), ("grad_w", "two_pass"),
+                                             ("grad_w", "atomic")) for d in ("fp32", "bf16")} | {("epl", "adaptive", "fp32")}
+    _assert_launchable_without_spills(rows)
+    assert all(r["wgmma"] for r in rows if r["dtype"] == "bf16" and r["kernel"] == "forward")
