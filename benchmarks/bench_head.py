@@ -178,10 +178,6 @@ def run_impl(args: argparse.Namespace, impl: str) -> dict:
     return record
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _timed(fn, device: torch.device, repeats: int) -> float:
     """Mean milliseconds of fn() over `repeats` calls after one warm-up."""
     fn()
