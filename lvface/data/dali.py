@@ -26,9 +26,9 @@ whose header DALI cannot parse (``header_parses``) before DALI sees them, throug
 the torch loader uses (``TrainLoader._replacement``). The header check is not an optimisation: DALI
 2.4's CPU decoder (``fn.decoders.image``) parses every sample's header first, and when one fails (no
 image signature, or a JPEG whose marker segments are broken: a wiped SOI or wiped tables) in a batch
-large enough to be split across its worker tasks (about 32 samples and up on 1-2 threads), a worker
-dereferences the failed sample's missing image info and the process dies with SIGSEGV instead of an
-error (small batches raise). A JPEG whose header parses but whose entropy-coded data is damaged is
+large enough to be split across its worker tasks (about 32 samples and up on 1-2 threads), the
+process dies with SIGSEGV in a worker task of ``ImageDecoder<CPUBackend>::RunImpl`` (gdb) instead of
+raising (small batches raise). A JPEG whose header parses but whose entropy-coded data is damaged is
 decoded with a warning or raises cleanly. The walk costs about 9 us per image on the 2-core CPU
 (1.2 ms per batch of 128, main thread). If the decoder still fails on a batch, the batch's samples
 are decoded one by one in a probe pipeline (same decoder device) to find the bad ones, each is
