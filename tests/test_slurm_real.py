@@ -61,12 +61,15 @@ def _job(conf: str, job_id: str) -> dict[str, str]:
     return dict(field.split("=", 1) for field in fields if "=" in field)
 
 
-def _wait(what: str, test, log: Path, timeout: float = 900):
+def _wait(what: str, test, log: Path, ended=None, timeout: float = 900):
+    """test()'s first true value, polled every second; fails at once when ended() (the job is over)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = test()
         if value:
             return value
+        if ended is not None and ended():
+            raise AssertionError(f"the job ended before {what}: {ended()}; job log:\n{_read(log)[-5000:]}")
         time.sleep(1)
     raise AssertionError(f"{what} not seen in {timeout:.0f} s; job log:\n{_read(log)[-5000:]}")
 
@@ -85,9 +88,27 @@ def _steps_since(log: Path, requeues: int) -> bool:
 def _start_now_when_requeued(conf: str, job_id: str, restarts: int, log: Path) -> None:
     """Wait for the requeue, then let the job start at once: slurmctld holds a requeued job for about
     two minutes before it is eligible again."""
-    _wait(f"requeue #{restarts}", lambda: (lambda job: job["Restarts"] == str(restarts) and job["JobState"] == "PENDING")(
-        _job(conf, job_id)), log)
+    def requeued() -> bool:
+        job = _job(conf, job_id)
+        return job["Restarts"] == str(restarts) and job["JobState"] == "PENDING"
+
+    _wait(f"requeue #{restarts}", requeued, log, lambda: _ended(conf, job_id))
     _scontrol(conf, "update", f"JobId={job_id}", "StartTime=now")
+
+
+def _ended(conf: str, job_id: str) -> dict[str, str] | None:
+    job = _job(conf, job_id)
+    return None if job["JobState"] in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED") else job
+
+
+def _tasks_exited_75(text: str) -> int:
+    """Tasks that srun reports as exited with 75 ("task 1: ..." or, together, "tasks 0-1: ...")."""
+    count = 0
+    for tasks in re.findall(r"^srun: error: \S+: tasks? ([\d,-]+): Exited with exit code 75$", text, re.M):
+        for part in tasks.split(","):
+            first, _, last = part.partition("-")
+            count += int(last or first) - int(first) + 1
+    return count
 
 
 def test_output_file_needs_no_folder_of_a_fresh_checkout():
@@ -102,7 +123,8 @@ def test_two_usr1_preemptions_requeue_resume_and_complete(slurm, tmp_path):
     out = tmp_path / "run"
     overrides = tiny_overrides(tiny_data(), **{"train.max_steps": str(MAX_STEPS), "checkpoint.resume": "auto",
                                                "train.output_dir": str(out)})
-    env = run_env(SLURM_CONF=slurm, CONFIG="configs/demo.yaml", MASTER_PORT=str(free_port()))
+    env = run_env(SLURM_CONF=slurm, CONFIG="configs/demo.yaml")
+    env["MASTER_PORT"] = str(free_port())  # run_env drops MASTER_PORT; the script's default is 29500
     submit = subprocess.run(["sbatch", "--parsable", "--job-name=lvface-requeue", *ONE_NODE,
                              f"--output={tmp_path}/%x-%j.out", SCRIPT, *overrides],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -112,15 +134,15 @@ def test_two_usr1_preemptions_requeue_resume_and_complete(slurm, tmp_path):
     started = time.monotonic()
     try:
         # 1: what --signal=USR1@600 sends: every task of the step
-        _wait("a training step", lambda: _steps_since(log, 0), log)
+        ended = lambda: _ended(slurm, job_id)  # noqa: E731
+        _wait("a training step", lambda: _steps_since(log, 0), log, ended)
         subprocess.run(["scancel", "--signal=USR1", job_id], env=env, check=True, timeout=120)
         _start_now_when_requeued(slurm, job_id, 1, log)
         # 2: scancel --full: the batch shell too, which must live on to requeue
-        _wait("a training step after the first requeue", lambda: _steps_since(log, 1), log)
+        _wait("a training step after the first requeue", lambda: _steps_since(log, 1), log, ended)
         subprocess.run(["scancel", "--signal=USR1", "--full", job_id], env=env, check=True, timeout=120)
         _start_now_when_requeued(slurm, job_id, 2, log)
-        job = _wait("the end of the job", lambda: (lambda job: job["JobState"] not in (
-            "PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED") and job)(_job(slurm, job_id)), log)
+        job = _wait("the end of the job", ended, log)
     finally:
         subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=120)
     text = _read(log)
@@ -131,7 +153,7 @@ def test_two_usr1_preemptions_requeue_resume_and_complete(slurm, tmp_path):
             if line.startswith(f"JobId={job_id} ")]
     assert [re.search(r"JobState=(\S+)", line).group(1) for line in ends] == ["PENDING", "PENDING", "COMPLETED"]
     # both ranks saved and exited 75 both times (none killed), and the script requeued on the marker
-    assert text.count("Exited with exit code 75") == 4 and "Terminated" not in text, text[-5000:]
+    assert _tasks_exited_75(text) == 4 and "Terminated" not in text, text[-5000:]
     saved = re.findall(r"\[rank0\] WARNING lvface\.train: preemption save: (\S+) written after step (\d+)", text)
     assert len(saved) == 2 and text.count(f"requeueing job {job_id}") == 2
     # each start resumed from the checkpoint the previous one saved, and the run finished all steps
