@@ -126,3 +126,85 @@ def test_dali_pass_left_early_does_not_leak_into_the_next(insightface_rec):
         pass  # stop after 2 of 7 batches, with 3 more in flight
     assert dali.position() == 16
     assert epoch_labels(dali, 1) == epoch_labels(fallback, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# wiped JPEG headers: DALI's CPU decoder crashed (SIGSEGV) on a batch of 64 holding one
+# --------------------------------------------------------------------------------------------------
+WIPE_EVERY = 100  # 60 of the 6,000 records of `lvface synth`'s default size
+
+
+@pytest.fixture(scope="module")
+def wiped_headers(tmp_path_factory):
+    """`lvface synth` output (300 identities x 20 images) with the JPEG header of every 100th record
+    zeroed: SOI and every table up to the start of scan."""
+    from lvface.data.index import RecordIndex
+    from lvface.data.synthetic import write_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("wiped") / "data"
+    write_synthetic_dataset(str(out), num_identities=300, images_per_identity=20, val_identities=10,
+                            val_pairs=20, seed=0)
+    index = RecordIndex.open(out / "train.rec", cache=False)
+    assert index.num_images == 6000
+    raw = bytearray((out / "train.rec").read_bytes())
+    for item in range(0, index.num_images, WIPE_EVERY):
+        start = int(index.rows[item]["offset"]) + int(index.rows[item]["skip"])
+        scan = raw.index(b"\xff\xda", start)
+        raw[start:scan] = bytes(scan - start)
+    (out / "train.rec").write_bytes(bytes(raw))
+    for cache in out.glob("*.npy"):
+        cache.unlink()
+    return out
+
+
+def test_header_check_rejects_what_dali_cannot_parse(jpegs):
+    from lvface.data.dali import header_parses
+
+    jpeg = jpegs[0]
+    scan = jpeg.index(b"\xff\xda")
+    as_array = lambda data: np.frombuffer(data, np.uint8)  # noqa: E731
+    assert all(header_parses(as_array(j)) for j in jpegs)
+    assert not header_parses(as_array(bytes(scan) + jpeg[scan:]))  # SOI and tables wiped
+    assert not header_parses(as_array(jpeg[:2] + bytes(scan - 2) + jpeg[scan:]))  # SOI kept, tables wiped
+    assert not header_parses(as_array(jpeg[:2] + jpeg[scan:]))  # no frame header
+    assert not header_parses(as_array(b"not a jpeg at all" * 4))
+    assert header_parses(as_array(b"\x89PNG\r\n\x1a\n" + bytes(40)))  # other formats: their signature
+
+
+def test_wiped_jpeg_headers_skipped_like_torch_on_2_ranks(wiped_headers):
+    """Both ranks of a 2-rank job, batches of 64 (the size at which DALI crashed): the same labels in
+    every batch and the same skipped count as the torch loader, and every wiped record seen is skipped."""
+    rec = wiped_headers / "train.rec"
+    total = 0
+    for rank in range(2):
+        dali, fallback = both(rec, batch_size=64, rank=rank, seed=0, flip=False)
+        dali_labels, fallback_labels = epoch_labels(dali, 0), epoch_labels(fallback, 0)
+        assert len(dali_labels) == dali.batches_per_epoch == 46
+        assert dali_labels == fallback_labels, rank
+        assert dali.bad_records == fallback.bad_records > 0, rank
+        order = dali.order
+        items = np.concatenate([order.items(0, order.positions(0, batch)) for batch in range(46)])
+        assert dali.bad_records == int(np.sum(items % WIPE_EVERY == 0)), rank
+        total += dali.bad_records
+        dali.close()
+    assert 50 <= total <= 60
+
+
+def test_training_run_on_wiped_headers_completes_with_dali_on_2_ranks(wiped_headers, tmp_path):
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+    from run_utils import REPO, free_port, run_env
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "lvface.train", "--config", str(REPO / "configs" / "demo.yaml"),
+           f"data.rec={wiped_headers / 'train.rec'}", "data.loader=dali", "data.batch_size=64", "eval.bins=[]",
+           "train.log_every=1", "train.max_steps=3", f"train.output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert "undecodable image skipped" in log
+    table = pq.read_table(out / "metrics.parquet").to_pydict()
+    assert max(table["step"]) == 3 and max(table["bad_records"]) >= 1

@@ -336,8 +336,8 @@ def head_bf16_case(rank, world, group):
     from test_sharded_softmax import DIM, GLOBAL_BATCH, NUM_CLASSES, global_inputs
 
     embeddings, labels, _ = global_inputs(torch.float32)
-    cfg = LossConfig(stages=[StageConfig(name="early", sample_rate=1.0, centers="learned")], head_dtype="bf16")
-    head = ShardedMarginHead(NUM_CLASSES, DIM, cfg, group=None, impl="triton", seed=3)
+    cfg = LossConfig(stages=[StageConfig(name="early", sample_rate=1.0, centers="learned")], head_dtype="bf16", impl="triton")
+    head = ShardedMarginHead(NUM_CLASSES, DIM, cfg, group=None, seed=3)
     x = embeddings.clone().requires_grad_()
     loss = head(x, labels)
     loss.backward()
@@ -350,7 +350,7 @@ def head_bf16_case(rank, world, group):
     with torch.no_grad():
         head.weight[1:] += 0.5 * head.weight[:-1]  # an in-place change (version counter)
     changed = head(embeddings, labels).detach()
-    fresh = ShardedMarginHead(NUM_CLASSES, DIM, cfg, group=None, impl="triton", seed=3)
+    fresh = ShardedMarginHead(NUM_CLASSES, DIM, cfg, group=None, seed=3)
     with torch.no_grad():
         fresh.weight.copy_(head.weight)
     out["changed_equal_fresh"] = torch.equal(changed, fresh(embeddings, labels).detach())
@@ -379,10 +379,11 @@ def test_head_dtype_resolves_per_device_and_impl():
     head = _tiny_head("chunked")
     head(torch.randn(4, 8).bfloat16(), torch.tensor([0, 3, 3, 10]))
     assert head.operand_dtype == torch.float32  # auto on the CPU: fp32, whatever the embeddings' dtype
-    cfg = LossConfig(stages=[StageConfig()], head_dtype="bf16")
-    with pytest.raises(ValueError, match=r"loss\.head_dtype=bf16 needs loss\.impl triton"):
-        ShardedMarginHead(11, 8, cfg, group=None, impl="chunked")(torch.randn(4, 8), torch.tensor([0, 3, 3, 10]))
-    with pytest.raises(ValueError, match=r"loss\.head_dtype='fp16' is unknown"):
+    cfg = LossConfig(stages=[StageConfig()], head_dtype="bf16", impl="chunked")
+    with pytest.raises(ValueError, match=r"loss\.head_dtype=bf16 needs a loss\.impl that reads bf16 operands \(triton, "
+                       r"triton_atomic; resolved chunked\)"):
+        ShardedMarginHead(11, 8, cfg, group=None)(torch.randn(4, 8), torch.tensor([0, 3, 3, 10]))
+    with pytest.raises(ValueError, match=r"loss\.head_dtype"):
         ShardedMarginHead(11, 8, LossConfig(stages=[StageConfig()], head_dtype="fp16"), group=None)
     from lvface.config import ConfigError, from_dict
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -18,23 +19,38 @@ from run_utils import REPO, free_port, run_env, tiny_data, tiny_overrides  # noq
 TRAIN_ARGS = ["--config", "configs/lvface_vit_l_wf42m.yaml", "data.rec=/scratch/wf42m/train.rec"]
 
 
-def _dry_run(script: str, *args: str, **env: str) -> list[str]:
+def _dry_run(script: str, *args: str, fake_bin: Path | None = None, **env: str) -> list[str]:
+    """The script's dry-run output; `fake_bin`: a folder put first on PATH (stand-in commands)."""
     environment = run_env(LVFACE_DRY_RUN="1", **env)
-    environment["PATH"] = os.pathsep.join(p for p in environment["PATH"].split(os.pathsep)
-                                          if not (Path(p) / "scontrol").exists())  # no SLURM tools here
+    if fake_bin is not None:
+        environment["PATH"] = f"{fake_bin}{os.pathsep}{environment['PATH']}"
     proc = subprocess.run(["bash", str(REPO / "launch" / script), *args], cwd=REPO, env=environment,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.splitlines()
 
 
+def _scontrol_without_configuration(folder: Path) -> Path:
+    """A stand-in `scontrol` that fails as SLURM 22.05's does on a machine without slurm.conf."""
+    folder.mkdir()
+    (folder / "scontrol").write_text("#!/bin/sh\necho 'scontrol: fatal: Could not establish a configuration source' >&2\n"
+                                     "exit 1\n")
+    (folder / "scontrol").chmod(0o755)
+    return folder
+
+
 def _node_lines(lines: list[str]) -> list[str]:
     return [line for line in lines if line.startswith("[")]
 
 
-def test_slurm_dry_run_with_a_fake_8_node_allocation():
-    lines = _dry_run("slurm_64gpu.sh", *TRAIN_ARGS[2:], SLURM_JOB_NODELIST="gpu[01-04,10-13]", SLURM_NTASKS_PER_NODE="8",
-                     CONFIG="configs/lvface_vit_t_wf42m.yaml")
+@pytest.mark.parametrize("tools", ["as_installed", "unconfigured_scontrol"])
+def test_slurm_dry_run_with_a_fake_8_node_allocation(tools, tmp_path):
+    """With whatever SLURM tools this machine has (none, or a configured cluster's: scontrol expands the
+    list), and with an scontrol that has no configuration (a login node without slurm.conf): the
+    script's own expansion."""
+    fake_bin = _scontrol_without_configuration(tmp_path / "bin") if tools == "unconfigured_scontrol" else None
+    lines = _dry_run("slurm_64gpu.sh", *TRAIN_ARGS[2:], fake_bin=fake_bin, SLURM_JOB_NODELIST="gpu[01-04,10-13]",
+                     SLURM_NTASKS_PER_NODE="8", CONFIG="configs/lvface_vit_t_wf42m.yaml")
     nodes = _node_lines(lines)
     assert [line.split("]")[0][1:] for line in nodes] == ["gpu01", "gpu02", "gpu03", "gpu04",
                                                           "gpu10", "gpu11", "gpu12", "gpu13"]
