@@ -249,8 +249,8 @@ def format_report(report: dict) -> str:
 def export_checkpoint(checkpoint: str | Path, output: str | Path, *, model: str | None = None,
                       opset: int = DEFAULT_OPSET, check: bool = True, latency_runs: int = 50,
                       parity_batches: tuple[int, ...] = (1, 5)) -> dict:
-    """`lvface export`: any checkpoint `lvface.checkpoint_files.load_backbone` reads -> ONNX, checked."""
-    from lvface.checkpoint_files import load_backbone
+    """`lvface export`: any checkpoint `lvface.checkpoint.files.load_backbone` reads -> ONNX, checked."""
+    from lvface.checkpoint.files import load_backbone
     from lvface.models import count_parameters
 
     backbone = load_backbone(checkpoint, model, attn_impl="math")
@@ -279,7 +279,7 @@ def _export_command(args) -> int:
 
 def register(subparsers) -> None:
     """`lvface export --checkpoint CKPT --output model.onnx`: ONNX for MFR-Ongoing, checked."""
-    from lvface.checkpoint_files import add_checkpoint_args
+    from lvface.checkpoint.files import add_checkpoint_args
 
     export = subparsers.add_parser("export", help="backbone -> ONNX for MFR-Ongoing, with parity and submission checks")
     add_checkpoint_args(export, device=False)  # export and its checks run on the CPU

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from lvface.checkpoint_files import add_checkpoint_args
+from lvface.checkpoint.files import add_checkpoint_args
 from lvface.files import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def run_verify(checkpoint: str, bins: list[str], *, model: str | None = None, ba
                device: str = "auto") -> dict[str, dict]:
     """10-fold accuracy, AUC and TAR@FAR of each .bin set: {set name: evaluate_pairs result}. The set
     name is the file's stem, or a longer part of its path where two files share a stem."""
-    from lvface.checkpoint_files import load_backbone
+    from lvface.checkpoint.files import load_backbone
     from lvface.data.verification_bin import load_bin
     from lvface.eval.verification import verification_set_names
     from lvface.eval.embed import build_model_fn, pick_device
@@ -80,7 +80,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _ijbc(args: argparse.Namespace) -> int:
     from lvface.distributed import detect_launcher
-    from lvface.checkpoint_files import load_backbone
+    from lvface.checkpoint.files import load_backbone
     from lvface.eval.embed import build_model_fn, pick_device
     from lvface.eval.ijbc import evaluate_ijb, read_ijb_meta
 
