@@ -110,7 +110,7 @@ class Trainer:
         self.state.step = self.schedule.step_at(self.state.samples_seen)
         self.set_lr()
         # reports: logs, Parquet rows, verification
-        self.log = TrainLog(self.metrics, run.metrics, self.schedule, self.state.step, info, resumed=bool(saved))
+        self.log = TrainLog(self.metrics, run.metrics, self.schedule, self.state.step, info, resumed=saved is not None)
         self.verifier = VerificationCallback(cfg.eval.bins, cfg.eval.batch_size, rank=info.rank,
                                              world_size=info.world_size, group=info.group, device=info.device)
         if info.is_main:

@@ -309,7 +309,7 @@ def resume_candidates(resume: str, output_dir: str | Path) -> tuple[list[tuple[P
         if not folder.is_dir():
             raise FileNotFoundError(f"checkpoint.resume={resume}: no such checkpoint folder; give a tag folder, a "
                                     f"checkpoints folder with a '{LATEST}' file, or 'auto'")
-        if not (folder / LATEST).is_file() and not list_tags(folder):
+        if read_latest(folder) is None and not list_tags(folder):
             return [(folder.parent, folder.name)], False
         root = folder
     tags = list_tags(root)[::-1]
@@ -358,7 +358,7 @@ def refuse_foreign_checkpoints(output_dir: str | Path) -> None:
     `latest` would mix with the earlier run's."""
     root = RunFolder(output_dir).checkpoints
     tags = list_tags(root)
-    if tags or (root / LATEST).is_file():
+    if tags or read_latest(root) is not None:
         newest = (tags or ["?"])[-1]
         run = run_of(root / newest) or "an earlier run"
         raise ConfigError(f"train.output_dir={output_dir} already holds checkpoints of run {run} (newest "
@@ -461,7 +461,7 @@ class Checkpointer:
             return None
         root, tag = self.selected
         saved = TrainState().load_state_dict(json.loads((root / tag / TRAIN_STATE_FILE).read_text()))
-        self.run_id = saved.run_id
+        self.run_id = saved.run_id or _gather(new_run_id(), self.group, self.world_size)[0]
         self.engine_root = prepare_resume(root, tag, world_size=self.world_size, rank=self.rank, group=self.group,
                                           ds_config=self.ds_config)
         if saved.world_size != self.world_size:
