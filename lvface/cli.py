@@ -15,7 +15,7 @@ import sys
 
 
 # Modules that add subcommands (reshard; eval, embed; export; pack, inspect; plot; config show).
-COMMAND_MODULES: list[str] = ["lvface.checkpoint", "lvface.eval.commands", "lvface.export", "lvface.data.pack",
+COMMAND_MODULES: list[str] = ["lvface.checkpoint.manager", "lvface.eval.commands", "lvface.export", "lvface.data.pack",
                               "lvface.plot", "lvface.config_help"]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -201,6 +203,14 @@ def remove_own_shm_buffer(rank: int) -> None:
         own_shm_buffer(rank).unlink()
     except OSError:
         pass
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    # Parameters are seeded identically on every rank (DeepSpeed broadcasts rank 0's anyway); the
+    # per-rank offset only reaches augmentation and masking randomness.
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed)
 
 
 def setup_logging(rank: int, level: int = logging.INFO) -> None:

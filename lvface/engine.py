@@ -1,4 +1,4 @@
-"""The DeepSpeed engine for the backbone, the learning-rate schedule, and one training step.
+"""The DeepSpeed engine for the backbone and one training step (the learning-rate schedule: lvface/schedule.py).
 
 The engine wraps the backbone only (DESIGN.md): DeepSpeed broadcasts rank 0's parameters at start and
 averages gradients over ranks, which would destroy a class-sharded head. The head keeps its own
@@ -123,46 +123,6 @@ def zero_stage(ds: dict) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Learning-rate schedule: one function of the optimizer step, shared by the backbone and the head
-# --------------------------------------------------------------------------------------------------
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, decay: str, power: float, min_ratio: float) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based).
-
-    Linear warmup over `warmup_steps` (the first step already moves: (step + 1) / warmup), then
-    polynomial (1 - progress) ** power, cosine, or constant decay from 1 to `min_ratio`.
-    """
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if decay == "constant":
-        return 1.0
-    span = max(total_steps - warmup_steps, 1)
-    progress = min(max(step - warmup_steps, 0) / span, 1.0)
-    if decay == "polynomial":
-        shape = (1.0 - progress) ** power
-    elif decay == "cosine":
-        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        raise ConfigError(f"schedule.decay {decay!r} is not one of polynomial, cosine, constant")
-    return min_ratio + (1.0 - min_ratio) * shape
-
-
-def set_schedule_position(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
-    """Put a LambdaLR at optimizer step `step` (after a resume, possibly with another global batch)."""
-    scheduler.last_epoch = step
-    for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base_lr * factor(step)
-    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
-
-
-def build_lr_lambda(cfg: Config, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
-    sched = cfg.schedule
-    warmup = sched.warmup_steps if sched.warmup_steps > 0 else int(round(sched.warmup_epochs * steps_per_epoch))
-    return lambda step: lr_factor(step, total_steps, warmup, sched.decay, sched.power, sched.min_lr_ratio)
-
-
-# --------------------------------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------------------------------
 
@@ -245,6 +205,16 @@ def _forced_overflow(optimizer, force: bool):
             optimizer.check_grad_overflow = saved_flag
 
 
+def _skip_and_stop(loss_sum: torch.Tensor, head_grad: torch.Tensor | None, stop_requested: bool,
+                   group) -> tuple[bool, bool]:
+    """(skip, stop) for every rank at once: one all-reduce (MAX) of this rank's two flags."""
+    local_nonfinite = not bool(torch.isfinite(loss_sum)) or (
+        head_grad is not None and not bool(torch.isfinite(head_grad).all()))
+    flags = torch.tensor([float(local_nonfinite), float(stop_requested)], device=loss_sum.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    return bool(flags[0]), bool(flags[1])
+
+
 def train_step(engine, head, head_optimizer, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], *,
                accumulation: int, group, stop_requested: bool = False, metrics=None) -> StepResult:
     """One optimizer step of the backbone (DeepSpeed) and the head, taken together on every rank.
@@ -284,11 +254,7 @@ def train_step(engine, head, head_optimizer, next_batch: Callable[[], tuple[torc
     if not engine.is_gradient_accumulation_boundary():
         raise RuntimeError(f"train_step: DeepSpeed is not at a gradient-accumulation boundary after {accumulation} "
                            f"micro-batches; its gradient_accumulation_steps must equal train.gradient_accumulation_steps")
-    grad = head.weight.grad
-    local_nonfinite = not bool(torch.isfinite(loss_sum)) or (grad is not None and not bool(torch.isfinite(grad).all()))
-    flags = torch.tensor([float(local_nonfinite), float(stop_requested)], device=loss_sum.device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    skip, stop = bool(flags[0]), bool(flags[1])
+    skip, stop = _skip_and_stop(loss_sum, head.weight.grad, stop_requested, group)
     grad_scale = engine_loss_scale(engine)  # before engine.step(), which may change an fp16 loss scale
     with timer("optimizer"), _forced_overflow(engine.optimizer, skip):
         engine.step()

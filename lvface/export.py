@@ -271,8 +271,8 @@ def format_report(report: dict) -> str:
 def export_checkpoint(checkpoint: str | Path, output: str | Path, *, model: str | None = None,
                       opset: int = DEFAULT_OPSET, check: bool = True, latency_runs: int = 50,
                       parity_batches: tuple[int, ...] = (1, 5)) -> dict:
-    """`lvface export`: any checkpoint `lvface.checkpoint_files.load_backbone` reads -> ONNX, checked."""
-    from lvface.checkpoint_files import load_backbone
+    """`lvface export`: any checkpoint `lvface.checkpoint.files.load_backbone` reads -> ONNX, checked."""
+    from lvface.checkpoint.files import load_backbone
     from lvface.models import count_parameters
 
     backbone = load_backbone(checkpoint, model, attn_impl="math")
@@ -308,7 +308,7 @@ def export_safetensors_checkpoint(checkpoint: str | Path, output: str | Path, *,
                                   check: bool = True) -> dict:
     """`lvface export --format safetensors`: any checkpoint -> .safetensors; the check reads the file back
     through the backbone reader and compares every tensor bit for bit."""
-    from lvface.checkpoint_files import load_backbone, read_state_dict_file
+    from lvface.checkpoint.files import load_backbone, read_state_dict_file
 
     backbone = load_backbone(checkpoint, model)
     path = export_safetensors(backbone.module, output, variant=backbone.variant, source=backbone.source)
@@ -348,7 +348,7 @@ def _export_command(args) -> int:
 def register(subparsers) -> None:
     """`lvface export --checkpoint CKPT --output model.onnx`: ONNX for MFR-Ongoing, checked; or
     `--output backbone.safetensors` (`--format safetensors`): the weights, for exchange."""
-    from lvface.checkpoint_files import add_checkpoint_args
+    from lvface.checkpoint.files import add_checkpoint_args
 
     export = subparsers.add_parser("export", help="backbone -> ONNX for MFR-Ongoing (parity and submission checks), "
                                    "or -> .safetensors weights")

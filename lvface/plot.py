@@ -14,6 +14,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from lvface.run_folder import METRICS_NAME, RunFolder
+
 log = logging.getLogger(__name__)
 
 # (file stem, title, y label, columns)
@@ -38,10 +40,10 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     import pyarrow.parquet as pq
 
     run_dir = Path(run_dir)
-    log_path = run_dir / "metrics.parquet"
+    log_path = RunFolder(run_dir).metrics
     if not log_path.is_file():
         raise FileNotFoundError(f"{log_path} not found: pass the run's train.output_dir (the folder holding "
-                                f"metrics.parquet, written by rank 0 at every checkpoint)")
+                                f"{METRICS_NAME}, written by rank 0 at every checkpoint)")
     table = pq.read_table(log_path).to_pydict()
     out = Path(out_dir) if out_dir else run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
@@ -84,6 +86,6 @@ def _plot_command(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser("plot", help="PNGs of a run's loss, lr, verification accuracy and images/s",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="the run's train.output_dir (holds metrics.parquet)")
+    parser.add_argument("run_dir", help=f"the run's train.output_dir (holds {METRICS_NAME})")
     parser.add_argument("--out", default=None, help="folder for the PNGs (default RUN_DIR/plots)")
     parser.set_defaults(func=_plot_command)

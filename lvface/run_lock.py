@@ -1,4 +1,4 @@
-"""One run owns its output folder at a time: `<output_dir>/.lvface.lock`.
+"""One run owns its output folder at a time: `<output_dir>/.lvface.lock` (lvface/run_folder.py).
 
 The lock is a small JSON file (host, pid, start time, and the scheduler's job id when there is one)
 created with O_EXCL by rank 0 before anything is written, and removed when the run ends, including
@@ -18,11 +18,13 @@ import socket
 import time
 from pathlib import Path
 
+import torch.distributed as dist
+
 from lvface.preemption import process_alive
+from lvface.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = ".lvface.lock"
 _JOB_VARIABLES = ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "PET_RUN_ID")
 
 
@@ -47,7 +49,7 @@ class OutputLock:
     """The output folder's lock; `acquire` on rank 0 only (the trainer broadcasts the outcome)."""
 
     def __init__(self, output_dir: str | Path):
-        self.path = Path(output_dir) / LOCK_NAME
+        self.path = RunFolder(output_dir).lock
         self.held = False
 
     def acquire(self) -> None:
@@ -92,6 +94,12 @@ class OutputLock:
         except FileNotFoundError:
             pass
 
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
     def release(self) -> None:
         if not self.held:
             return
@@ -102,3 +110,20 @@ class OutputLock:
         except (OSError, json.JSONDecodeError):
             pass
         self.held = False
+
+
+def hold_output_folder(output_dir: str | Path, rank: int, world_size: int, group) -> OutputLock:
+    """Rank 0 takes the output folder's lock; every rank raises if it could not. Collective."""
+    lock, error = OutputLock(output_dir), None
+    if rank == 0:
+        try:
+            lock.acquire()
+        except (OutputFolderLocked, OSError) as exc:
+            error = str(exc)
+    if world_size > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0, group=group)
+        error = box[0]
+    if error:
+        raise OutputFolderLocked(error)
+    return lock

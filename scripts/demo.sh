@@ -19,7 +19,8 @@ fi
 
 # A new demo is a fresh run: an earlier demo's folder (finished, or killed without a lock left behind) is
 # kept under a dated name rather than overwritten; lvface refuses a fresh run in a folder holding another
-# run's checkpoints, and a live run's folder (it holds .lvface.lock) is left to lvface's lock to report.
+# run's checkpoints, and a live run's folder (it holds .lvface.lock, see lvface/run_folder.py) is left to
+# lvface's lock to report.
 if [ -d demo_out/run ] && [ ! -e demo_out/run/.lvface.lock ]; then
     previous="demo_out/run.$(date +%Y%m%d-%H%M%S)"
     mv demo_out/run "$previous"

@@ -1,5 +1,5 @@
-"""One bf16 training step and one eval forward through the real stack on the CPU (DeepSpeed's CPU
-accelerator, ZeRO-1/2, one gloo rank), then a checkpoint: the feature head's BatchNorms keep fp32
+"""One bf16 training step (lvface.engine.train_step) and one eval forward through the real stack on
+the CPU (DeepSpeed's CPU accelerator, ZeRO-1/2, one gloo rank), then a checkpoint: the feature head's BatchNorms keep fp32
 statistics under DeepSpeed's cast, and backbone.pt holds the optimizer's fp32 master weights bit for
 bit, not the bf16 working copy cast up.
 """
@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from dist_utils import run_on_ranks
+from step_probe import StepProbe
 from lvface.config import from_dict
-from lvface.engine import build_ds_config, build_engine, param_groups
+from lvface.engine import build_ds_config, build_engine, param_groups, train_step
 from lvface.heads import ShardedMarginHead, build_head_optimizer
 from lvface.models import build_vit
 from lvface.models.vit import FP32BatchNorm1d, no_weight_decay_names
@@ -28,7 +29,7 @@ def _bf16_step(rank, world_size, group, ds_file, out_dir):
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world_size))
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from lvface import checkpoint as ckpt
+    from lvface.checkpoint import manager as ckpt
 
     torch.manual_seed(0)
     cfg = from_dict({"data": {"batch_size": BATCH}, "train": {"precision": "bf16", "grad_clip": 0.0},
@@ -42,12 +43,11 @@ def _bf16_step(rank, world_size, group, ds_file, out_dir):
     images = torch.randn(BATCH, 3, 112, 112).bfloat16()
     labels = torch.tensor([0, 3, 3, 7, 10, 5])
 
-    # train step: the engine's cast, the fp32 BatchNorm, the head, both optimizers
-    embeddings = engine(images)
-    loss = head(embeddings.float(), labels)
-    engine.backward(loss)
-    head_optimizer.step()
-    engine.step()
+    # the training step: the engine's cast, the fp32 BatchNorm, the head, both optimizers
+    probe = StepProbe()
+    result = train_step(engine, head, head_optimizer, lambda: (images, labels), accumulation=1, group=group,
+                        metrics=probe)
+    assert not result.skipped
     norms = [m for m in engine.module.modules() if isinstance(m, FP32BatchNorm1d)]
     stats = {name: getattr(m, name) for m in norms for name in ("running_mean", "running_var")}
 
@@ -63,7 +63,8 @@ def _bf16_step(rank, world_size, group, ds_file, out_dir):
         zero_stage=ds_config["zero_optimization"]["stage"], rank=rank, world_size=world_size, group=group)
     masters = {name: safe_get_full_fp32_param(p).clone() for name, p in engine.module.named_parameters()}
     working = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
-    return {"loss": loss.item(), "embedding_dtype": embeddings.dtype, "eval": eval_embeddings.float(),
+    return {"loss": result.loss_sum.item(), "embedding_dtype": probe.embedding_dtypes[0],
+            "eval": eval_embeddings.float(),
             "stat_dtypes": {str(t.dtype) for t in stats.values()},
             "stats_moved": all(not torch.equal(m.running_mean, torch.zeros_like(m.running_mean)) for m in norms),
             "param_dtypes": {str(p.dtype) for p in engine.module.parameters()},

@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lvface.checkpoint_files import LATEST, load_backbone, load_backbone_into
+from lvface.checkpoint.files import LATEST, load_backbone, load_backbone_into
 from lvface.config import ConfigError, from_dict
 from lvface.heads import margin as margin_module
 from lvface.heads.margin import Margin, margin_from_config
 from lvface.models import build_vit
+from lvface.run_folder import RunFolder
 
 
 def _source():
@@ -40,7 +41,7 @@ def _forms(tmp_path, state):
     forms["arcface_torch_resume"] = save("resume.pt", {"state_dict_backbone": state, "epoch": 3})
     forms["model_wrapper"] = save("model.pt", {"model": state})
     forms["state_dict_wrapper"] = save("sd.pt", {"state_dict": {f"module.{k}": v for k, v in state.items()}})
-    tag = tmp_path / "run" / "checkpoints" / "step00000004"
+    tag = RunFolder(tmp_path / "run").checkpoints / "step00000004"
     save("run/checkpoints/step00000004/backbone.pt", state)
     (tag.parent / LATEST).write_text("step00000004\n")
     forms["tag_folder"] = tag

@@ -7,7 +7,8 @@ import torch
 import yaml
 
 from lvface.config import Config, ConfigError, StageConfig, from_dict, load_config, parse_overrides
-from lvface.engine import build_ds_config, lr_factor
+from lvface.engine import build_ds_config
+from lvface.schedule import lr_factor
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"

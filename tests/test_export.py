@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from dist_utils import free_port
-from lvface.checkpoint_files import load_backbone, load_state_dict_from_checkpoint, strip_prefixes
+from lvface.checkpoint.files import CONFIG_FILE, LATEST, load_backbone, load_state_dict_from_checkpoint, strip_prefixes
 from lvface.export import (
     INPUT_NAME, build_export_model, check_onnx, export_checkpoint, export_onnx, format_report,
     synthetic_face_batch,
 )
 from lvface.models import VIT_VARIANTS, build_vit
+from lvface.run_folder import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,16 +126,16 @@ def test_variant_named_or_refused(tmp_path):
 def test_lvface_checkpoint_folder_uses_backbone_pt_and_config(tmp_path):
     torch.manual_seed(2)
     module = build_vit("vit_demo")
-    root = tmp_path / "out" / "checkpoints"
+    root = RunFolder(tmp_path / "out").checkpoints
     tag = root / "step00000010"
     tag.mkdir(parents=True)
     torch.save(module.state_dict(), tag / "backbone.pt")
-    (tag / "config.yaml").write_text("model:\n  name: vit_demo\n  num_features: 512\n")
-    (root / "latest").write_text("step00000010")
+    (tag / CONFIG_FILE).write_text("model:\n  name: vit_demo\n  num_features: 512\n")
+    (root / LATEST).write_text("step00000010")
     for checkpoint in (tag, root, tmp_path / "out"):
         loaded = load_backbone(checkpoint)
         assert loaded.variant == "vit_demo" and loaded.source.endswith("backbone.pt")
-    (tag / "config.yaml").write_text("model:\n  name: vit_t\n")  # config and weights disagree: a clear error
+    (tag / CONFIG_FILE).write_text("model:\n  name: vit_t\n")  # config and weights disagree: a clear error
     with pytest.raises(ValueError, match="vit_t"):
         load_backbone(root)
     assert load_backbone(root, model="vit_demo").variant == "vit_demo"
@@ -240,7 +241,7 @@ def test_safetensors_round_trip_through_a_real_file(tmp_path):
     from safetensors import safe_open
 
     import lvface.cli
-    from lvface.checkpoint_files import load_backbone_into
+    from lvface.checkpoint.files import load_backbone_into
 
     torch.manual_seed(0)
     module = build_vit("vit_demo")

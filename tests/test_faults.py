@@ -27,7 +27,9 @@ import torch
 
 from dist_utils import run_on_ranks
 from run_utils import run_env as _env
+from lvface.checkpoint.files import TRAIN_STATE_FILE, read_latest
 from lvface.distributed import free_port
+from lvface.run_folder import RunFolder
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_STEPS = 12
@@ -76,7 +78,7 @@ def _ranks(proc: subprocess.Popen) -> dict[int, psutil.Process]:
 def _losses(out: Path) -> dict[int, float]:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(out / "metrics.parquet").to_pydict()
+    table = pq.read_table(RunFolder(out).metrics).to_pydict()
     steps = [s for s, loss in zip(table["step"], table["loss"]) if loss is not None]
     assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
     return {s: loss for s, loss in zip(table["step"], table["loss"]) if loss is not None}
@@ -174,13 +176,13 @@ def test_preemption_saves_exits_75_and_resume_continues_exactly(straight, preemp
         assert "preemption save" in segment["text"] and "exits with return code = 75" in segment["text"]
     assert "stopped by SIGUSR1" in segments[0]["text"] and "stopped by SIGTERM" in segments[2]["text"]
     out = preempted["out"]
-    assert (out / "PREEMPTED").is_file()
+    assert RunFolder(out).preempted.is_file()
     straight_losses, resumed = _losses(straight["out"]), _losses(out)
     last = max(resumed)
     assert 3 <= last < MAX_STEPS and sorted(resumed) == list(range(1, last + 1))
     # bit-identical: the same data, order, optimizers, schedule and sampling counter after each resume
     assert resumed == {step: straight_losses[step] for step in resumed}
-    state = json.loads((out / "checkpoints" / (out / "checkpoints" / "latest").read_text() / "train_state.json").read_text())
+    state = json.loads((RunFolder(out).checkpoints / read_latest(RunFolder(out).checkpoints) / TRAIN_STATE_FILE).read_text())
     assert state["step"] == last and state["samples_seen"] == last * 32
 
 
@@ -196,7 +198,7 @@ def test_sigterm_to_the_deepspeed_runner_leaves_no_orphan(preempted):
 
 
 def test_lock_is_released_on_every_way_out(preempted):
-    assert not (preempted["out"] / ".lvface.lock").exists()  # after preemptions, also a dead launcher
+    assert not RunFolder(preempted["out"]).lock.exists()  # after preemptions, also a dead launcher
 
 
 def test_shared_memory_buffers_are_not_left_behind(straight, preempted):
@@ -206,16 +208,16 @@ def test_shared_memory_buffers_are_not_left_behind(straight, preempted):
 
 
 def test_fresh_run_in_a_folder_of_another_run_is_refused(data, straight):
-    before = sorted(p.name for p in (straight["out"] / "checkpoints").iterdir())
+    before = sorted(p.name for p in RunFolder(straight["out"]).checkpoints.iterdir())
     proc = _single(data, straight["out"], "train.seed=7")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "checkpoint.resume=auto" in proc.stderr and "train.output_dir" in proc.stderr
-    assert sorted(p.name for p in (straight["out"] / "checkpoints").iterdir()) == before
+    assert sorted(p.name for p in RunFolder(straight["out"]).checkpoints.iterdir()) == before
 
 
 def test_keep_last_prunes_only_this_runs_checkpoints(tmp_path):
-    from lvface.checkpoint import prune_checkpoints, tag_for
-    from lvface.checkpoint_manifest import MANIFEST, manifest_text
+    from lvface.checkpoint.manager import prune_checkpoints, tag_for
+    from lvface.checkpoint.manifest import MANIFEST, manifest_text
 
     root = tmp_path / "checkpoints"
     for run, samples in (("old", 64), ("old", 128), ("new", 32), ("new", 96), ("new", 160)):
@@ -228,7 +230,8 @@ def test_keep_last_prunes_only_this_runs_checkpoints(tmp_path):
 
 
 def test_stale_lock_is_reported_and_a_live_one_refused(tmp_path, caplog):
-    from lvface.run_lock import LOCK_NAME, OutputFolderLocked, OutputLock
+    from lvface.run_folder import LOCK_NAME
+    from lvface.run_lock import OutputFolderLocked, OutputLock
 
     sleeper = subprocess.Popen(["sleep", "30"])
     (tmp_path / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid,
@@ -252,18 +255,18 @@ def test_stale_lock_is_reported_and_a_live_one_refused(tmp_path, caplog):
 
 
 def test_damaged_latest_checkpoint_falls_back_and_eval_export_refuse(straight, tmp_path, caplog):
-    from lvface.checkpoint import resume_candidates, select_checkpoint
-    from lvface.checkpoint_manifest import CheckpointCorrupt
-    from lvface.checkpoint_files import load_backbone
+    from lvface.checkpoint.manager import resume_candidates, select_checkpoint
+    from lvface.checkpoint.manifest import CheckpointCorrupt
+    from lvface.checkpoint.files import load_backbone
 
     run = tmp_path / "run"
-    shutil.copytree(straight["out"] / "checkpoints", run / "checkpoints")
-    root = run / "checkpoints"
-    latest = (root / "latest").read_text()
+    shutil.copytree(RunFolder(straight["out"]).checkpoints, RunFolder(run).checkpoints)
+    root = RunFolder(run).checkpoints
+    latest = read_latest(root)
     previous = sorted(p.name for p in root.iterdir() if p.name.startswith("samples"))[-2]
     shard = root / latest / "head_shard_00001_of_00002.pt"
     shard.write_bytes(shard.read_bytes()[:1000])  # truncated
-    with caplog.at_level(logging.WARNING, logger="lvface.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="lvface.checkpoint.manager"):
         chosen = select_checkpoint(*resume_candidates("auto", run), rank=0, world_size=1, group=None)
     assert chosen == (root, previous)
     assert str(shard) in caplog.text and "truncated" in caplog.text
@@ -289,10 +292,10 @@ def test_world_size_change_and_disk_full(data, straight, tmp_path):
     """The 2-rank checkpoint resumed by one process: a stale universal conversion of another checkpoint
     of the same name is not used, max_steps keeps its meaning (in samples of the 2-rank batch), new
     tags do not collide; then the disk fills up during the second save."""
-    from lvface.checkpoint_manifest import check_files
+    from lvface.checkpoint.manifest import check_files
 
-    source_root = straight["out"] / "checkpoints"
-    source = (source_root / "latest").read_text()
+    source_root = RunFolder(straight["out"]).checkpoints
+    source = read_latest(source_root)
     samples = json.loads((source_root / source / "train_state.json").read_text())["samples_seen"]
     assert samples == MAX_STEPS * 32
     for stale in (source_root / "universal" / source / "zero", source_root / "universal" / f"{source}-0123456789abcdef" / source / "zero"):
@@ -302,15 +305,15 @@ def test_world_size_change_and_disk_full(data, straight, tmp_path):
     try:
         proc = _single(data, out, f"checkpoint.resume={source_root / source}", "checkpoint.every_steps=1",
                        f"train.max_steps={MAX_STEPS + 2}")
-        tags = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("samples"))
-        latest = (out / "checkpoints" / "latest").read_text()
-        intact = check_files(out / "checkpoints" / latest)
-        leftovers = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+        tags = sorted(p.name for p in RunFolder(out).checkpoints.iterdir() if p.name.startswith("samples"))
+        latest = read_latest(RunFolder(out).checkpoints)
+        intact = check_files(RunFolder(out).checkpoints / latest)
+        leftovers = [p.name for p in RunFolder(out).checkpoints.iterdir() if p.name.startswith(".")]
     finally:
         subprocess.run(["umount", str(out)], check=False)
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert "resuming a 2-rank checkpoint on 1 ranks" in proc.stderr
-    assert "no space left on device" in proc.stderr and str(out / "checkpoints") in proc.stderr
+    assert "no space left on device" in proc.stderr and str(RunFolder(out).checkpoints) in proc.stderr
     assert "Traceback" not in proc.stderr.split("lvface: error:")[-1]
     assert tags == [latest] == [f"samples{samples + 16:012d}"]  # one 16-sample step later
     assert intact == [] and leftovers == []
@@ -356,7 +359,7 @@ def test_second_run_on_a_busy_folder_and_a_stopped_rank(data, tmp_path):
 
 def _nonfinite_steps(rank, world_size, group, checkpoint_dir):
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world_size))
-    from lvface.checkpoint import CheckpointSaveError, save_checkpoint
+    from lvface.checkpoint.manager import CheckpointSaveError, save_checkpoint
     from lvface.config import from_dict
     from lvface.engine import NonFiniteSteps, NonFiniteTraining, build_ds_config, build_engine, param_groups, train_step
     from lvface.heads import ShardedMarginHead, build_head_optimizer
@@ -456,7 +459,7 @@ def test_corrupt_jpegs_dali_counts_like_torch(data, straight):
     import pyarrow.parquet as pq
 
     assert "DaliTrainLoader" in straight["log"] or "dali loader" in straight["log"]
-    assert max(pq.read_table(straight["out"] / "metrics.parquet").to_pydict()["bad_records"]) >= 1
+    assert max(pq.read_table(RunFolder(straight["out"]).metrics).to_pydict()["bad_records"]) >= 1
 
 
 def test_prometheus_port_in_use_names_the_port_and_the_key():

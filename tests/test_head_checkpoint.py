@@ -1,4 +1,4 @@
-"""Tests of lvface.checkpoint_head: per-rank shard files, atomic writes, resume on another world size.
+"""Tests of lvface.checkpoint.head: per-rank shard files, atomic writes, resume on another world size.
 
 Saved with 4 ranks, resumed with 2 and with 3, saved again and resumed with 4, and resharded offline:
 the reassembled global W, P, Adam moments and per-row step counts are identical (bit for bit) each time.
@@ -12,7 +12,7 @@ import pytest
 import torch
 from dist_utils import run_on_ranks
 
-from lvface.checkpoint_head import load_head_shards, reshard_head_checkpoint, save_head_shard, shard_file_name
+from lvface.checkpoint.head import load_head_shards, reshard_head_checkpoint, save_head_shard, shard_file_name
 from lvface.config import LossConfig, OptimizerConfig
 from lvface.heads import ShardedMarginHead, build_head_optimizer
 

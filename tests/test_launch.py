@@ -15,6 +15,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_utils import REPO, free_port, run_env, tiny_data, tiny_overrides  # noqa: E402
+from lvface.run_folder import RunFolder  # noqa: E402
 
 TRAIN_ARGS = ["--config", "configs/lvface_vit_l_wf42m.yaml", "data.rec=/scratch/wf42m/train.rec"]
 
@@ -147,7 +148,7 @@ def _wrapper_exit(container: dict, launcher: str, code: int, *, preempted: bool)
     with tempfile.TemporaryDirectory() as tmp:
         out, bin_dir = Path(tmp) / "run", Path(tmp) / "bin"
         out.mkdir(), bin_dir.mkdir()
-        marker = f"echo samples000000001024 > {out}/PREEMPTED; " if preempted else ""
+        marker = f"echo samples000000001024 > {RunFolder(out).preempted}; " if preempted else ""
         stand_in = bin_dir / launcher
         stand_in.write_text(f"#!/bin/sh\n{marker}exit {code}\n")
         stand_in.chmod(0o755)
@@ -191,7 +192,7 @@ def test_podmonitor_scrapes_every_local_rank():
 def _losses(run_dir: Path) -> list[float]:
     import pyarrow.parquet as pq
 
-    return [loss for loss in pq.read_table(run_dir / "metrics.parquet").to_pydict()["loss"] if loss is not None]
+    return [loss for loss in pq.read_table(RunFolder(run_dir).metrics).to_pydict()["loss"] if loss is not None]
 
 
 def test_two_torchrun_nodes_on_localhost_train_like_one_two_rank_launch(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from lvface.progress import progress, progress_enabled, run_with_progress
+from lvface.run_folder import METRICS_NAME
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_utils import REPO, run_env, scraped_run  # noqa: E402
@@ -33,7 +34,7 @@ def test_lvface_plot_without_a_log_is_a_one_line_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lvface.cli", "plot", str(tmp_path)], cwd=REPO, env=run_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "metrics.parquet not found" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"{METRICS_NAME} not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_progress_is_quiet_unless_a_terminal_or_forced(monkeypatch, capsys):

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lvface.checkpoint.files import LATEST
 from lvface.distributed import free_port
+from lvface.run_folder import RunFolder
 from run_utils import run_env as _env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,7 +50,7 @@ def demo_run(demo_data, tmp_path_factory) -> tuple[Path, str]:
 
 def test_deepspeed_zero2_demo_learns(demo_run):
     run_dir, log = demo_run
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads(RunFolder(run_dir).summary.read_text())
     assert summary["last_loss"] < 0.8 * summary["first_loss"], summary
     first, last = summary["first_accuracy"]["val"], summary["last_accuracy"]["val"]
     assert first < 0.70, summary  # untrained: near chance
@@ -57,7 +59,7 @@ def test_deepspeed_zero2_demo_learns(demo_run):
     # The checkpoint: DeepSpeed's ZeRO-2 shards of both ranks, the head, and a plain backbone that loads
     # strictly into the architecture.
     folder = Path(summary["checkpoint"])
-    assert (folder.parent / "latest").read_text().strip() == folder.name
+    assert (folder.parent / LATEST).read_text().strip() == folder.name
     assert sorted(p.name for p in folder.glob("*zero_pp_rank_*optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     optimizer = torch.load(folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
@@ -108,7 +110,7 @@ def test_missing_data_and_missing_idx_are_one_line_errors(demo_data, tmp_path):
 def _losses(run_dir: Path) -> list[float]:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(run_dir / "metrics.parquet").to_pydict()
+    table = pq.read_table(RunFolder(run_dir).metrics).to_pydict()
     return [loss for loss in table["loss"] if loss is not None]
 
 
@@ -133,7 +135,7 @@ def test_resume_on_another_world_size(demo_data, demo_run, tmp_path):
     """The 2-rank demo checkpoint resumed by one process: DeepSpeed loads it through a universal
     checkpoint, the head is re-split, and what the new run saves before any step is the same model."""
     run_dir, _ = demo_run
-    old = Path(json.loads((run_dir / "summary.json").read_text())["checkpoint"])
+    old = Path(json.loads(RunFolder(run_dir).summary.read_text())["checkpoint"])
     old_state = json.loads((old / "train_state.json").read_text())
     # max_steps counts steps of the global batch the run started with (2 ranks): the same number means
     # the same samples on one rank, so the resumed run has nothing left to train and saves at once.
@@ -141,7 +143,7 @@ def test_resume_on_another_world_size(demo_data, demo_run, tmp_path):
                         f"train.max_steps={old_state['step']}"], tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "resuming a 2-rank checkpoint on 1 ranks" in proc.stderr
-    new = tmp_path / "run" / "checkpoints" / f"samples{old_state['samples_seen']:012d}"
+    new = RunFolder(tmp_path / "run").checkpoints / f"samples{old_state['samples_seen']:012d}"
     new_state = json.loads((new / "train_state.json").read_text())
     assert (new_state["samples_seen"], new_state["epoch"], new_state["position"], new_state["world_size"]) == (
         old_state["samples_seen"], old_state["epoch"], old_state["position"], 1)
@@ -169,8 +171,8 @@ def test_resume_continues_exactly(demo_data, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
     import pyarrow.parquet as pq
 
-    straight = pq.read_table(tmp_path / "straight" / "metrics.parquet").to_pydict()
-    resumed = pq.read_table(tmp_path / "resumed" / "metrics.parquet").to_pydict()
+    straight = pq.read_table(RunFolder(tmp_path / "straight").metrics).to_pydict()
+    resumed = pq.read_table(RunFolder(tmp_path / "resumed").metrics).to_pydict()
     assert resumed["step"] == straight["step"] == [1, 2, 3, 4]
     assert resumed["loss"] == straight["loss"]
     assert resumed["lr"] == straight["lr"]

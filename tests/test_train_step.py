@@ -1,7 +1,7 @@
-"""One full training step through the real stack: a ViT inside a DeepSpeed ZeRO engine plus the
-class-sharded head outside it. On 2 gloo ranks the backbone gradient DeepSpeed ends up with (after
-averaging over ranks) and the head's gradient equal those of the same global batch on one process
-without DeepSpeed or any collective.
+"""One full training step through the real stack (lvface.engine.train_step): a ViT inside a DeepSpeed
+ZeRO engine plus the class-sharded head outside it. On 2 gloo ranks the backbone gradient DeepSpeed ends
+up with (after averaging over ranks) and the head's gradient, as the step's optimizers receive them,
+equal those of the same global batch on one process without DeepSpeed or any collective.
 
 BatchNorm statistics are per rank (as in arcface_torch, no SyncBN), so the feature head's BatchNorms
 run on their running statistics here; everything else is in training mode.
@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from dist_utils import run_on_ranks
+from step_probe import StepProbe
 from lvface.config import from_dict
-from lvface.engine import build_ds_config, build_engine, param_groups
-from lvface.heads import ShardedMarginHead
+from lvface.engine import build_ds_config, build_engine, param_groups, train_step
+from lvface.heads import ShardedMarginHead, build_head_optimizer
 from lvface.models import build_vit
 from lvface.models.vit import no_weight_decay_names
 
@@ -57,11 +58,18 @@ def _deepspeed_step(rank, world_size, group, images, labels, state_dict, stage, 
     head = ShardedMarginHead(NUM_CLASSES, 512, cfg.loss, group=group, seed=0)
     per_rank = GLOBAL_BATCH // world_size
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
-    loss = head(engine(images[mine]), labels[mine])
-    engine.backward(loss)
-    grads = {name: deepspeed.utils.safe_get_full_grad(param).clone() for name, param in engine.module.named_parameters()}
-    return {"loss": loss.item(), "backbone": grads if rank == 0 else None,
-            "head": (head.class_start, head.weight.grad.clone())}
+    grads = {}
+
+    def at_boundary():  # the gradients the optimizers are about to apply
+        grads["backbone"] = {name: deepspeed.utils.safe_get_full_grad(param).clone()
+                             for name, param in engine.module.named_parameters()}
+        grads["head"] = head.weight.grad.clone()
+
+    result = train_step(engine, head, build_head_optimizer(head, cfg.optimizer), lambda: (images[mine], labels[mine]),
+                        accumulation=1, group=group, metrics=StepProbe(at_boundary))
+    assert not result.skipped
+    return {"loss": result.loss_sum.item(), "backbone": grads["backbone"] if rank == 0 else None,
+            "head": (head.class_start, grads["head"])}
 
 
 def _reference_step(images, labels, state_dict, stage):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from lvface.checkpoint_files import add_checkpoint_args
+from lvface.checkpoint.files import add_checkpoint_args
 from lvface.files import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def run_verify(checkpoint: str, bins: list[str], *, model: str | None = None, ba
     """10-fold accuracy, AUC, TAR@FAR and XNorm of each .bin set: {set name: evaluate_pairs result plus
     `xnorm` and `path`}. The set name is the file's stem, or a longer part of its path where two files
     share a stem."""
-    from lvface.checkpoint_files import load_backbone
+    from lvface.checkpoint.files import load_backbone
     from lvface.data.verification_bin import load_bin
     from lvface.eval.verification import verification_set_names
     from lvface.eval.embed import build_model_fn, pick_device
@@ -56,7 +56,7 @@ def checkpoint_step(checkpoint: str) -> int:
     the `[set][step]` of the arcface_torch-style lines."""
     import json
 
-    from lvface.checkpoint_files import TRAIN_STATE_FILE, resolve_checkpoint
+    from lvface.checkpoint.files import TRAIN_STATE_FILE, resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint)
     state_file = path / TRAIN_STATE_FILE if path.is_dir() else None
@@ -105,7 +105,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _ijbc(args: argparse.Namespace) -> int:
     from lvface.distributed import detect_launcher
-    from lvface.checkpoint_files import load_backbone
+    from lvface.checkpoint.files import load_backbone
     from lvface.eval.embed import build_model_fn, pick_device
     import numpy as np
 

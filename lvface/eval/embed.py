@@ -1,6 +1,6 @@
 """Embeddings of aligned face images (`lvface embed`), and the model function the evaluators call.
 
-Weights come from any checkpoint users bring through `lvface.checkpoint_files.load_backbone`; this
+Weights come from any checkpoint users bring through `lvface.checkpoint.files.load_backbone`; this
 module turns the backbone into a batch -> embedding function and writes embeddings of a folder or list
 of aligned 112x112 images as .npy or .parquet.
 """
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lvface.checkpoint_files import load_backbone
+from lvface.checkpoint.files import load_backbone
 from lvface.data.images import IMAGE_EXTENSIONS, normalize_images
 from lvface.files import atomic_open
 from lvface.progress import progress

@@ -379,6 +379,15 @@ def build_vit(
     return VisionTransformer(args, num_features=num_features, img_size=img_size, patch_size=patch_size)
 
 
+def build_backbone(model_cfg) -> VisionTransformer:
+    """The backbone that the config's `model` section (lvface.config.ModelConfig) describes; its unset
+    optional fields keep the variant's values."""
+    optional = {key: getattr(model_cfg, key) for key in ("drop_path_rate", "mask_ratio", "using_checkpoint")
+                if getattr(model_cfg, key) is not None}
+    return build_vit(model_cfg.name, num_features=model_cfg.num_features, attn_impl=model_cfg.attn_impl,
+                     norm_impl=model_cfg.norm_impl, **optional)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (buffers such as BatchNorm running statistics excluded)."""
     return sum(param.numel() for param in model.parameters())

@@ -3,7 +3,7 @@
 A checkpoint is the folder `<output_dir>/checkpoints/samples<N>/`, named by the samples the run had
 seen (N, 12 digits), so that checkpoints of runs on different world sizes cannot collide. Nothing is
 ever written into an existing checkpoint folder: a save writes `.samples<N>.partial-<run>/`, every
-rank hashes its share of the files, rank 0 writes `manifest.json` (lvface/checkpoint_manifest.py) and
+rank hashes its share of the files, rank 0 writes `manifest.json` (lvface/checkpoint/manifest.py) and
 renames the folder into place, and only then moves the `latest` pointer. A crash or a failed write
 mid-save leaves the previous checkpoint and `latest` as they were; resume checks every file against
 the manifest and falls back to the newest checkpoint that is intact, naming the damaged file.
@@ -11,7 +11,7 @@ the manifest and falls back to the newest checkpoint that is intact, naming the 
 Contents of a tag folder:
 - DeepSpeed's own files (model states, ZeRO-partitioned optimizer states, the LR scheduler);
 - `head_shard_<rank>_of_<world>.pt`, one per rank: this rank's rows of the class centers W, the EPL
-  prototypes P and the head optimizer's moments (lvface/checkpoint_head.py), re-split on load when
+  prototypes P and the head optimizer's moments (lvface/checkpoint/head.py), re-split on load when
   the world size changed;
 - `config.yaml` (the resolved lvface config) and `train_state.json` (samples seen, epoch, position,
   world size, run id);
@@ -20,8 +20,10 @@ Contents of a tag folder:
   master weights (`master_state_dict`), not the working copy cast up;
 - `manifest.json`: every file's size and SHA-256, the run id and the samples seen.
 
-`CheckpointManager` is the trainer's one place to decide "save now" (interval, end, preemption) and to
-remove old checkpoints: only this run's own, by samples seen, never the one just written.
+`Checkpointer` is the trainer's one checkpoint object: which checkpoint to resume (verified, falling
+back to the newest intact one) and loading it; when to save (the interval, or forced at the end and on
+preemption); and which old checkpoints to remove: only this run's own, by samples seen, never the one
+just written.
 """
 
 from __future__ import annotations
@@ -40,13 +42,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lvface.checkpoint_files import BACKBONE_FILE, CONFIG_FILE, LATEST, TRAIN_STATE_FILE
-from lvface.checkpoint_head import load_head_shards, save_head_shard
-from lvface.checkpoint_manifest import (MANIFEST, CheckpointCorrupt, check_files, checkpoint_files, describe_files,
+from lvface.checkpoint.files import BACKBONE_FILE, CONFIG_FILE, LATEST, TRAIN_STATE_FILE, read_latest
+from lvface.checkpoint.head import load_head_shards, save_head_shard
+from lvface.checkpoint.manifest import (MANIFEST, CheckpointCorrupt, check_files, checkpoint_files, describe_files,
                                         manifest_digest, manifest_text, read_manifest)
-from lvface.config import ConfigError
+from lvface.checkpoint.state import TrainState
+from lvface.config import CheckpointConfig, ConfigError
+from lvface.engine import zero_stage
 from lvface.files import atomic_torch_save, atomic_write_json, atomic_write_text
 from lvface.progress import run_with_progress
+from lvface.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -116,26 +121,12 @@ def master_state_dict(engine, stage: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def checkpoint_root(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
 def list_tags(root: Path) -> list[str]:
     """Checkpoint tags under `root` (complete or not), oldest first by samples seen."""
     if not root.is_dir():
         return []
     return sorted((p.name for p in root.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name)),
                   key=lambda name: int(TAG_PATTERN.match(name).group(1)))
-
-
-def latest_tag(root: Path) -> str | None:
-    pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    if not (root / tag).is_dir():
-        raise FileNotFoundError(f"{pointer} names checkpoint {tag!r} but {root / tag} does not exist")
-    return tag
 
 
 def run_of(folder: Path) -> str | None:
@@ -180,19 +171,8 @@ def _nonfinite_tensors(named: dict[str, torch.Tensor]) -> list[str]:
             if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
 
 
-def save_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, config_yaml: str, train_state: dict,
-                    zero_stage: int, rank: int, world_size: int, group) -> Path | None:
-    """Write checkpoint `tag` on every rank (see the module docstring); returns its folder, or None when
-    this run already holds a complete checkpoint of that name (nothing to add). Collective."""
-    folder = root / tag
-    run_id = train_state["run_id"]
-    if folder.exists():
-        if run_of(folder) == run_id and not check_files(folder, []):
-            log.info("checkpoint %s already holds this state: not written again", folder)
-            return None
-        raise CheckpointSaveError(f"{folder} exists and is not this run's ({run_id}) checkpoint: lvface never writes "
-                                  f"into an existing checkpoint folder; choose another train.output_dir")
-    # A checkpoint never holds non-finite values: refuse before anything is written.
+def _refuse_nonfinite(folder: Path, engine, head, zero_stage: int, rank: int, world_size: int, group) -> None:
+    """A checkpoint never holds non-finite values: refuse before anything is written. Collective."""
     named = {f"backbone.{k}": v for k, v in engine.module.state_dict().items()}
     named.update({"head.weight": head.weight, "head.prototypes": head.prototypes})
     bad = _nonfinite_tensors(named) if zero_stage < 3 else _nonfinite_tensors(
@@ -201,10 +181,9 @@ def save_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, confi
     if errors:
         raise CheckpointSaveError(f"not saving {folder}: {'; '.join(errors)}")
 
-    staging = root / f".{tag}.partial-{run_id}"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)  # left by a save of this run that crashed
+
+def _save_engine(engine, root: Path, staging: Path, folder: Path, train_state: dict, rank: int) -> None:
+    """DeepSpeed's files of the checkpoint, into `staging`."""
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
     # The (empty) universal-checkpoint info lets DeepSpeed's ds_to_universal convert this checkpoint
@@ -220,7 +199,12 @@ def save_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, confi
         raise CheckpointSaveError(f"saving checkpoint {folder} failed while DeepSpeed wrote its files: "
                                   f"{reason}; the previous checkpoint and {root / LATEST} "
                                   f"are unchanged") from exc
-    error = None
+
+
+def _write_lvface_files(staging: Path, *, engine, head, head_optimizer, config_yaml: str, train_state: dict,
+                        zero_stage: int, rank: int) -> str | None:
+    """lvface's own files of the checkpoint (this rank's head shard; rank 0 the rest); this rank's error,
+    if any. Collective (the master weights)."""
     try:
         backbone = master_state_dict(engine, zero_stage)  # collective: every rank takes part
         backbone = backbone if rank == 0 else None
@@ -231,27 +215,57 @@ def save_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, confi
             atomic_write_text(staging / CONFIG_FILE, config_yaml)
             atomic_write_json(staging / TRAIN_STATE_FILE, train_state)
     except (OSError, RuntimeError) as exc:
-        error = f"rank {rank}: {_describe_error(exc, staging)}"
+        return f"rank {rank}: {_describe_error(exc, staging)}"
+    return None
+
+
+def _publish(root: Path, tag: str, staging: Path, train_state: dict, rank: int, world_size: int, group) -> list[str]:
+    """Hash the staged files (spread over the ranks); then rank 0 writes the manifest, renames the folder
+    into place and only then moves `latest`. Every rank's errors (none: published). Collective."""
+    names = checkpoint_files(staging)
+    error = None
+    try:
+        mine = describe_files(staging, names[rank::world_size])
+    except OSError as exc:
+        mine, error = {}, f"rank {rank}: {_describe_error(exc, staging)}"
     errors = _agree(error, group, world_size)
-    if not errors:  # hash the files, spread over the ranks
-        names = checkpoint_files(staging)
+    if errors:
+        return errors
+    files = {k: v for part in _gather(mine, group, world_size) for k, v in part.items()}
+    if rank == 0:
         try:
-            mine = describe_files(staging, names[rank::world_size])
-        except OSError as exc:
-            mine, error = {}, f"rank {rank}: {_describe_error(exc, staging)}"
-        errors = _agree(error, group, world_size)
-        if not errors:
-            mine = {k: v for part in _gather(mine, group, world_size) for k, v in part.items()}
-    if not errors and rank == 0:
-        try:
-            info = {"run_id": run_id, "tag": tag, "samples_seen": train_state["samples_seen"],
+            info = {"run_id": train_state["run_id"], "tag": tag, "samples_seen": train_state["samples_seen"],
                     "world_size": world_size}
-            atomic_write_text(staging / MANIFEST, manifest_text(mine, info))
-            os.replace(staging, folder)
+            atomic_write_text(staging / MANIFEST, manifest_text(files, info))
+            os.replace(staging, root / tag)
             atomic_write_text(root / LATEST, tag)
         except OSError as exc:
             error = f"rank 0: {_describe_error(exc, staging)}"
-    errors = errors or _agree(error, group, world_size)
+    return _agree(error, group, world_size)
+
+
+def save_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, config_yaml: str, train_state: dict,
+                    zero_stage: int, rank: int, world_size: int, group) -> Path | None:
+    """Write checkpoint `tag` on every rank (see the module docstring); returns its folder, or None when
+    this run already holds a complete checkpoint of that name (nothing to add). Collective."""
+    folder = root / tag
+    run_id = train_state["run_id"]
+    if folder.exists():
+        if run_of(folder) == run_id and not check_files(folder, []):
+            log.info("checkpoint %s already holds this state: not written again", folder)
+            return None
+        raise CheckpointSaveError(f"{folder} exists and is not this run's ({run_id}) checkpoint: lvface never writes "
+                                  f"into an existing checkpoint folder; choose another train.output_dir")
+    _refuse_nonfinite(folder, engine, head, zero_stage, rank, world_size, group)
+    staging = root / f".{tag}.partial-{run_id}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a save of this run that crashed
+    _save_engine(engine, root, staging, folder, train_state, rank)
+    errors = _agree(_write_lvface_files(staging, engine=engine, head=head, head_optimizer=head_optimizer,
+                                        config_yaml=config_yaml, train_state=train_state, zero_stage=zero_stage,
+                                        rank=rank), group, world_size)
+    errors = errors or _publish(root, tag, staging, train_state, rank, world_size, group)
     if errors:
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
@@ -289,19 +303,18 @@ def resume_candidates(resume: str, output_dir: str | Path) -> tuple[list[tuple[P
     if not resume:
         return [], False
     if resume == "auto":
-        root = checkpoint_root(output_dir)
+        root = RunFolder(output_dir).checkpoints
     else:
         folder = Path(resume)
         if not folder.is_dir():
             raise FileNotFoundError(f"checkpoint.resume={resume}: no such checkpoint folder; give a tag folder, a "
                                     f"checkpoints folder with a '{LATEST}' file, or 'auto'")
-        if not (folder / LATEST).is_file() and not list_tags(folder):
+        if read_latest(folder) is None and not list_tags(folder):
             return [(folder.parent, folder.name)], False
         root = folder
     tags = list_tags(root)[::-1]
-    pointer = root / LATEST
-    if pointer.is_file():
-        named = pointer.read_text().strip()
+    named = read_latest(root)
+    if named is not None:
         if named in tags:
             tags.remove(named)
             tags.insert(0, named)
@@ -343,11 +356,10 @@ def select_checkpoint(candidates: list[tuple[Path, str]], fallback: bool, *, ran
 def refuse_foreign_checkpoints(output_dir: str | Path) -> None:
     """A fresh run (checkpoint.resume='') in a folder that holds checkpoints is refused: its keep_last and
     `latest` would mix with the earlier run's."""
-    root = checkpoint_root(output_dir)
+    root = RunFolder(output_dir).checkpoints
     tags = list_tags(root)
-    legacy = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step")) if root.is_dir() else []
-    if tags or legacy or (root / LATEST).is_file():
-        newest = (tags or legacy or ["?"])[-1]
+    if tags or read_latest(root) is not None:
+        newest = (tags or ["?"])[-1]
         run = run_of(root / newest) or "an earlier run"
         raise ConfigError(f"train.output_dir={output_dir} already holds checkpoints of run {run} (newest "
                           f"{root / newest}): resume that run with checkpoint.resume=auto, or choose a new "
@@ -364,7 +376,7 @@ def prepare_resume(root: Path, tag: str, *, world_size: int, rank: int, group, d
     renamed), and the engine is told to load universal checkpoints. The conversion is cached as
     `root/universal/<tag>-<manifest digest>/<tag>`: a conversion of any other checkpoint of that name
     (an earlier run in the same folder) is never reused. The head's shards are re-split by lvface
-    itself (lvface/checkpoint_head.py).
+    itself (lvface/checkpoint/head.py).
     """
     state_file = root / tag / TRAIN_STATE_FILE
     if not state_file.is_file():
@@ -416,44 +428,78 @@ def load_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, engin
 # --------------------------------------------------------------------------------------------------
 
 
-class CheckpointManager:
-    """Where and when the trainer saves, and which old checkpoints it removes.
+class Checkpointer:
+    """The trainer's checkpoints of one run folder; every method is collective.
 
-    One run (`run_id`) owns `<output_dir>/checkpoints`; `save` is collective and writes the state the
-    trainer passes; `due` is the one decision "save after this step" (the interval, the last step, a
-    preemption).
+    Resume comes in two phases because DeepSpeed must know before the engine is built whether it loads
+    a universal checkpoint: `resume()` picks the checkpoint and prepares it (before the engine), `load()`
+    restores the engine, head and head optimizer from it (after). `save(state, force)` writes a
+    checkpoint when forced or when `checkpoint.every_steps` divides the step.
     """
 
-    def __init__(self, output_dir: str | Path, *, run_id: str, every_steps: int, keep_last: int, zero_stage: int,
-                 config_yaml: str, rank: int, world_size: int, group):
-        self.root = checkpoint_root(output_dir)
-        self.run_id, self.every_steps, self.keep_last = run_id, every_steps, keep_last
-        self.zero_stage, self.config_yaml = zero_stage, config_yaml
+    def __init__(self, run: RunFolder, cfg: CheckpointConfig, *, ds_config: dict, config_yaml: str, metrics,
+                 rank: int, world_size: int, group):
+        """`ds_config` is the dict the engine is built from after `resume()` (which may switch it to
+        universal loading); `metrics` (lvface.metrics.TrainMetrics) times and counts the saves."""
+        self.run, self.root, self.cfg = run, run.checkpoints, cfg
+        self.ds_config, self.config_yaml, self.metrics = ds_config, config_yaml, metrics
         self.rank, self.world_size, self.group = rank, world_size, group
-        self.last_saved: Path | None = None
+        self.run_id = ""
+        self.selected: tuple[Path, str] | None = None
+        self.engine_root: Path | None = None
 
-    def due(self, step: int, *, last: bool, stop: bool) -> bool:
-        return last or stop or bool(self.every_steps and step % self.every_steps == 0)
+    def resume(self) -> TrainState | None:
+        """The saved state of the checkpoint to resume (checkpoint.resume; verified against its manifest, a
+        damaged one falls back), or None for a fresh run, which a folder of another run's checkpoints
+        refuses. Call before the engine is built."""
+        candidates, fallback = resume_candidates(self.cfg.resume, self.run.path)
+        self.selected = select_checkpoint(candidates, fallback, rank=self.rank, world_size=self.world_size,
+                                          group=self.group)
+        if self.selected is None:
+            refuse_foreign_checkpoints(self.run.path)
+            self.run_id = _gather(new_run_id(), self.group, self.world_size)[0]  # rank 0's
+            return None
+        root, tag = self.selected
+        saved = TrainState().load_state_dict(json.loads((root / tag / TRAIN_STATE_FILE).read_text()))
+        self.run_id = saved.run_id or _gather(new_run_id(), self.group, self.world_size)[0]
+        self.engine_root = prepare_resume(root, tag, world_size=self.world_size, rank=self.rank, group=self.group,
+                                          ds_config=self.ds_config)
+        if saved.world_size != self.world_size:
+            log.info("resuming a %d-rank checkpoint on %d ranks: the head is re-split, the step counter "
+                     "continues from the samples seen", saved.world_size, self.world_size)
+        return saved
 
-    def save(self, *, engine, head, head_optimizer, train_state: dict) -> Path:
-        tag = tag_for(train_state["samples_seen"])
-        state = dict(train_state, run_id=self.run_id)
-        folder = save_checkpoint(self.root, tag, engine=engine, head=head, head_optimizer=head_optimizer,
-                                 config_yaml=self.config_yaml, train_state=state, zero_stage=self.zero_stage,
-                                 rank=self.rank, world_size=self.world_size, group=self.group)
-        folder = folder or self.root / tag
+    def load(self, engine, head, head_optimizer) -> None:
+        """Restore the checkpoint `resume()` chose into the built engine, head and head optimizer (nothing
+        on a fresh run)."""
+        if self.selected is not None:
+            load_checkpoint(*self.selected, engine=engine, head=head, head_optimizer=head_optimizer,
+                            engine_root=self.engine_root)
+        self.engine, self.head, self.head_optimizer = engine, head, head_optimizer
+
+    def save(self, state: TrainState, force: bool = False) -> Path | None:
+        """Write `state` with the loaded objects' tensors when forced or at the interval; returns the
+        checkpoint's folder, or None when none was due."""
+        if not (force or (self.cfg.every_steps and state.step % self.cfg.every_steps == 0)):
+            return None
+        tag = tag_for(state.samples_seen)
+        with self.metrics.timer("checkpoint_save"):
+            folder = save_checkpoint(self.root, tag, engine=self.engine, head=self.head,
+                                     head_optimizer=self.head_optimizer, config_yaml=self.config_yaml,
+                                     train_state=state.state_dict(), zero_stage=zero_stage(self.ds_config),
+                                     rank=self.rank, world_size=self.world_size, group=self.group)
+        self.metrics.count("checkpoints")
         if self.rank == 0:
-            removed = prune_checkpoints(self.root, self.keep_last, self.run_id, keep=tag)
+            removed = prune_checkpoints(self.root, self.cfg.keep_last, self.run_id, keep=tag)
             if removed:
                 log.info("removed older checkpoints of this run: %s", ", ".join(removed))
         if self.world_size > 1:
             dist.barrier(group=self.group)
-        self.last_saved = folder
-        return folder
+        return folder or self.root / tag
 
 
 def _reshard_command(args) -> int:
-    from lvface.checkpoint_head import reshard_head_checkpoint
+    from lvface.checkpoint.head import reshard_head_checkpoint
 
     written = reshard_head_checkpoint(args.src, args.dst, args.world_size)
     print(f"wrote {len(written)} head shards for {args.world_size} ranks into {args.dst}")

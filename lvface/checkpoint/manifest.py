@@ -8,7 +8,7 @@ development machine: sha256 560 MB/s, blake2b 282, md5 320; xxhash is not a depe
 run spreads the hashing over its ranks.
 
 The manifest's own digest (`manifest_digest`) identifies the exact checkpoint: derived artefacts (the
-universal conversion of lvface/checkpoint.py) are keyed by it.
+universal conversion of lvface/checkpoint/manager.py) are keyed by it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What a checkpoint folder holds, and the one reader of backbone weights from any checkpoint users bring.
 
-A training checkpoint is `<output_dir>/checkpoints/<tag>/` (lvface/checkpoint.py writes it); the
+A training checkpoint is `<output_dir>/checkpoints/<tag>/` (lvface/checkpoint/manager.py writes it); the
 `latest` file beside the tags names the newest complete one. This module only reads, and everything
 that reads backbone weights goes through it: `lvface eval`, `lvface embed`, `lvface export` and
 `checkpoint.init_backbone` in training. It accepts:
@@ -26,16 +26,17 @@ from typing import Mapping
 
 import torch
 
-from lvface.checkpoint_manifest import MANIFEST, CheckpointCorrupt, check_files, verify_file
+from lvface.checkpoint.manifest import MANIFEST, CheckpointCorrupt, check_files, verify_file
 from lvface.models import VisionTransformer, build_vit, infer_variant
 from lvface.models.vit import image_size_for
+from lvface.run_folder import CONFIG_NAME, RunFolder
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 """The file in a checkpoints folder naming its newest complete tag (one line)."""
 BACKBONE_FILE = "backbone.pt"
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = CONFIG_NAME  # the run folder's config file, copied into each checkpoint
 TRAIN_STATE_FILE = "train_state.json"
 KEY_PREFIXES = ("module.", "backbone.")
 
@@ -126,6 +127,13 @@ def _deepspeed_state_dict(tag_folder: Path) -> dict[str, torch.Tensor]:
                            for key, value in state.items()})
 
 
+def read_latest(root: Path) -> str | None:
+    """The tag that the `latest` pointer of checkpoints folder `root` names (None without a pointer);
+    whether that tag's folder exists is the caller's question."""
+    pointer = root / LATEST
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
 def resolve_checkpoint(checkpoint: str | Path) -> Path:
     """The tag folder or backbone file that `checkpoint` designates (following a `latest` file)."""
     path = Path(checkpoint)
@@ -134,10 +142,10 @@ def resolve_checkpoint(checkpoint: str | Path) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"--checkpoint {path}: no such file or folder; give a checkpoint tag folder, "
                                 f"a checkpoints folder holding '{LATEST}', or a backbone .pt file")
-    if (path / "checkpoints" / LATEST).is_file():  # an lvface output_dir
-        path = path / "checkpoints"
-    if (path / LATEST).is_file() and not (path / BACKBONE_FILE).is_file():
-        tag = (path / LATEST).read_text().strip()
+    if read_latest(RunFolder(path).checkpoints) is not None:  # an lvface output_dir
+        path = RunFolder(path).checkpoints
+    tag = read_latest(path)
+    if tag is not None and not (path / BACKBONE_FILE).is_file():
         if not (path / tag).is_dir():
             raise FileNotFoundError(f"{path / LATEST} names checkpoint {tag!r} but {path / tag} does not exist")
         path = path / tag

@@ -1,0 +1,64 @@
+"""How a training process ends: its exit code, and a one-line error instead of a traceback.
+
+0: done. 75 (EXIT_PREEMPTED): stopped by a signal after a checkpoint; requeue and resume. 2: the input
+is wrong (config, files, a busy output folder): the line says what to fix. 1: the run failed (a save,
+non-finite training, a dead or hung peer). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+from typing import Callable
+
+import torch.distributed as dist
+
+from lvface.checkpoint.manager import CheckpointSaveError
+from lvface.config import ConfigError
+from lvface.engine import NonFiniteTraining
+from lvface.preemption import EXIT_PREEMPTED, Preempted
+from lvface.run_lock import OutputFolderLocked
+
+INPUT_ERRORS = (ConfigError, FileNotFoundError, ValueError, OutputFolderLocked)
+
+
+class CollectiveFailed(RuntimeError):
+    """A collective failed or timed out: another rank is dead, stopped or hung."""
+
+
+RUN_ERRORS = (CheckpointSaveError, NonFiniteTraining, CollectiveFailed)
+
+
+@contextmanager
+def collective_failures(timeout_s: float):
+    """Raise a lost peer (a failed or timed-out collective) in the block as CollectiveFailed."""
+    try:
+        yield
+    except (dist.DistBackendError, RuntimeError) as exc:
+        lost_peer = isinstance(exc, dist.DistBackendError) or any(
+            text in str(exc) for text in ("Timed out", "timed out", "Connection closed by peer"))
+        if isinstance(exc, RUN_ERRORS) or not lost_peer:
+            raise
+        raise CollectiveFailed(f"a collective failed or waited longer than train.collective_timeout_s="
+                               f"{timeout_s:g} s: another rank is dead, stopped or hung "
+                               f"({str(exc).splitlines()[0][:300]})") from exc
+
+
+def exit_code(run: Callable[[], object]) -> int:
+    """Run `run` (a training entry point) and return its process exit code; the process group is
+    destroyed on every way out."""
+    errors = logging.getLogger("lvface")
+    try:
+        run()
+    except Preempted as exc:
+        errors.warning("%s", exc)
+        return EXIT_PREEMPTED
+    except INPUT_ERRORS + RUN_ERRORS as exc:
+        errors.error("%s", exc)
+        print(f"lvface: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, INPUT_ERRORS) else 1
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
