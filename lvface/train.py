@@ -39,7 +39,7 @@ from lvface.heads import ShardedMarginHead, build_head_optimizer, stage_for_epoc
 from lvface.metrics import ParquetLog, Throughput, TrainMetrics, format_duration
 from lvface.models import build_vit
 from lvface.models.vit import no_weight_decay_names
-from lvface.preemption import EXIT_PREEMPTED, Preempted, StopRequest, watch_launcher
+from lvface.preemption import Preempted, StopRequest, watch_launcher
 from lvface.run_lock import OutputFolderLocked, OutputLock
 
 log = logging.getLogger("lvface.train")
@@ -282,12 +282,11 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
         if result.stop:
             folder = save()
             metrics.count("preemption_saves")
-            log.warning("preemption save: %s written after step %d; exiting with %d so that the job is requeued",
-                        folder, step, EXIT_PREEMPTED)
-            if info.is_main:  # for launchers that lose the exit code (torchrun): launch/k8s/pytorchjob.yaml
+            log.warning("preemption save: %s written after step %d; %s", folder, step, stop.exit_note())
+            if info.is_main and stop.requeue:  # for launchers that lose the exit code (torchrun): launch/k8s/pytorchjob.yaml
                 (Path(cfg.train.output_dir) / PREEMPTED_MARKER).write_text(f"{folder}\n")
             loader.close()
-            raise Preempted(stop.signal_name, folder)
+            raise Preempted(stop.signal_name, folder, stop.exit_code)
         if verifier and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
             evaluate()
         if checkpoints.due(step, last=False, stop=False) and step < total_steps:
@@ -318,7 +317,7 @@ def cli(argv: list[str] | None = None) -> int:
         main(argv)
     except Preempted as exc:
         errors.warning("%s", exc)
-        return EXIT_PREEMPTED
+        return exc.exit_code
     except (ConfigError, FileNotFoundError, ValueError, OutputFolderLocked) as exc:
         # One line that says what to fix, not a traceback.
         errors.error("%s", exc)
