@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -359,11 +360,73 @@ def _check_choices(cfg: Config) -> None:
             raise ConfigError(f"config key '{dotted}' is {value!r}; choose one of {', '.join(allowed)}")
 
 
+# --------------------------------------------------------------------------------------------------
+# Ranges: one table per section, key -> (accepts the value, what the value must be). A table reads
+# its own section only, so `check_ranges(section_name, section)` can run from that section's validate().
+# --------------------------------------------------------------------------------------------------
+
+Range = tuple[typing.Callable[[Any], bool], str]
+_POSITIVE: Range = (lambda v: v > 0, "positive")
+_NON_NEGATIVE: Range = (lambda v: v >= 0, "zero or more")
+_FRACTION: Range = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_PROBABILITY = _FRACTION
+_OPEN_FRACTION: Range = (lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def _optional(check: Range) -> Range:
+    return (lambda v: v is None or check[0](v), check[1] + " (or null for the default)")
+
+
+RANGES: dict[str, dict[str, Range]] = {
+    "model": {"num_features": _POSITIVE, "drop_path_rate": _optional(_OPEN_FRACTION),
+              "mask_ratio": _optional(_OPEN_FRACTION)},
+    "data": {"num_classes": _NON_NEGATIVE, "num_images": _NON_NEGATIVE, "batch_size": _POSITIVE,
+             "num_workers": _NON_NEGATIVE, "dali_threads": _POSITIVE, "prefetch": _POSITIVE,
+             "crop_p": _PROBABILITY, "crop_min_scale": (lambda v: 0 < v <= 1, "in (0, 1]"),
+             "color_p": _PROBABILITY, "color_strength": _OPEN_FRACTION, "grayscale_p": _PROBABILITY,
+             "blur_p": _PROBABILITY, "mask_p": _PROBABILITY,
+             "blur_sigma": (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[low, high] with 0 < low <= high")},
+    "loss": {"scale": _POSITIVE,
+             # cos(m1 * theta + m2) - m3 must still be able to rise above the other classes' cosines: with
+             # m2 >= pi/2 or m3 >= 1 the target logit is never positive and the loss trains nothing
+             "m1": (lambda v: 0 < v <= 4, "in (0, 4] (1 = no multiplicative margin; SphereFace uses up to 4)"),
+             "m2": (lambda v: 0 <= v < math.pi / 2, "in [0, pi/2) radians (ArcFace: 0.5)"),
+             "m3": (lambda v: 0 <= v < 1, "in [0, 1) (CosFace: 0.35 to 0.4)"),
+             "prototype_momentum": _FRACTION, "chunk_mb": _POSITIVE},
+    "optimizer": {"lr": _POSITIVE, "weight_decay": _NON_NEGATIVE, "eps": _POSITIVE,
+                  "betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+                  "head_lr": _optional(_POSITIVE), "head_weight_decay": _optional(_NON_NEGATIVE)},
+    "schedule": {"warmup_epochs": _NON_NEGATIVE, "warmup_steps": _NON_NEGATIVE, "power": _POSITIVE,
+                 "min_lr_ratio": _FRACTION},
+    "train": {"epochs": _POSITIVE, "max_steps": (lambda v: v >= 0, "zero (derive it from train.epochs) or more"),
+              "grad_clip": (lambda v: v >= 0, "zero (no clipping) or more"), "gradient_accumulation_steps": _POSITIVE,
+              "log_every": _POSITIVE, "collective_timeout_s": _POSITIVE, "max_nonfinite_steps": _NON_NEGATIVE},
+    "eval": {"every_steps": _NON_NEGATIVE, "batch_size": _POSITIVE},
+    "checkpoint": {"every_steps": _NON_NEGATIVE, "keep_last": _POSITIVE},
+    "metrics": {"prometheus_port": (lambda v: 0 <= v <= 65535, "a TCP port, or 0 to disable the exporter")},
+}
+
+
+def check_ranges(where: str, section: Any) -> None:
+    """Raise a ConfigError naming the first key of `section` (config section `where`) out of its range."""
+    for key, (accepts, wanted) in RANGES.get(where, {}).items():
+        value = getattr(section, key)
+        if not accepts(value):
+            raise ConfigError(f"config key '{where}.{key}' is {value!r}; it must be {wanted}")
+
+
+def check_all_ranges(cfg: Config) -> None:
+    """Every section's ranges (the stages' own are lvface.heads.prototypes.check_stages')."""
+    for name in RANGES:
+        check_ranges(name, getattr(cfg, name))
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks that a type annotation cannot express."""
     from lvface.heads.prototypes import check_stages
 
     _check_choices(cfg)
+    check_all_ranges(cfg)
     try:
         check_stages(cfg.loss.stages)
     except ValueError as error:
