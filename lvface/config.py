@@ -207,6 +207,9 @@ class TrainConfig:
     """Longest wait for another rank in any collective (gloo and NCCL); past it every rank exits with an error."""
     max_nonfinite_steps: int = 20
     """Consecutive skipped (non-finite loss or gradient) steps after which the run stops; 0 never stops."""
+    batchnorm_sync: str = "average"
+    """How the ranks' BatchNorm running statistics become one set before each evaluation and save: average
+    (the mean over ranks) or broadcast (rank 0's, as torch DDP)."""
 
 
 @dataclass
@@ -237,6 +240,17 @@ class CheckpointConfig:
 class MetricsConfig:
     prometheus_port: int = 0
     """Port of the Prometheus exporter on each rank (port + local rank); 0 disables it."""
+    tensorboard: bool = True
+    """TensorBoard event files of lvface's scalars (loss, lr, stage, images/s, skipped steps, verification) in
+    <output_dir>/tensorboard (lvface/tracking.py)."""
+    csv: bool = False
+    """The same scalars as step,tag,value rows in <output_dir>/scalars.csv."""
+    wandb: bool = False
+    """The same scalars to Weights & Biases (needs `pip install wandb`)."""
+    wandb_project: str = "lvface"
+    """W&B project of the run."""
+    wandb_mode: str = "online"
+    """W&B mode: online, or offline (written under <output_dir>/wandb; upload later with `wandb sync`)."""
 
 
 @dataclass
@@ -265,6 +279,8 @@ _OWN_CHOICES = {
     "optimizer.name": ("adamw",),
     "schedule.decay": ("polynomial", "cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.batchnorm_sync": ("average", "broadcast"),
+    "metrics.wandb_mode": ("online", "offline"),
 }
 
 

@@ -30,7 +30,7 @@ from lvface.checkpoint import CheckpointManager, CheckpointSaveError
 from lvface.checkpoint_files import TRAIN_STATE_FILE, load_backbone_into
 from lvface.config import ConfigError, load_config
 from lvface.data.loader import build_train_loader
-from lvface.distributed import DistInfo, init_distributed, setup_logging
+from lvface.distributed import DistInfo, init_distributed, report_error, setup_logging, sync_batchnorm_buffers
 from lvface.engine import (NonFiniteSteps, NonFiniteTraining, build_ds_config, build_engine, build_lr_lambda,
                            param_groups, set_schedule_position, train_step, zero_stage)
 from lvface.eval.callback import VerificationCallback
@@ -39,8 +39,10 @@ from lvface.heads import ShardedMarginHead, build_head_optimizer, stage_for_epoc
 from lvface.metrics import ParquetLog, Throughput, TrainMetrics, format_duration
 from lvface.models import build_vit
 from lvface.models.vit import no_weight_decay_names
+from lvface.preflight import check_inputs
 from lvface.preemption import Preempted, StopRequest, watch_launcher
 from lvface.run_lock import OutputFolderLocked, OutputLock
+from lvface.tracking import Tracker, format_summary
 
 log = logging.getLogger("lvface.train")
 
@@ -110,13 +112,14 @@ def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(argv)
     # config
     cfg = load_config(args.config, overrides)
+    check_inputs(cfg, args.ds_config)  # seconds, before any rank waits for another
     # stop signals (preemption) are recorded from here on; a dead launcher counts as one
     stop = StopRequest().install()
     watch_launcher()
     # distributed
     info = init_distributed(cfg.train.collective_timeout_s)
     setup_logging(info.rank)
-    log.info("resolved config:\n%s", cfg.to_yaml())
+    log.debug("resolved config:\n%s", cfg.to_yaml())  # config.yaml in the output folder holds it too
     # the output folder: one run at a time
     lock = hold_output_folder(cfg.train.output_dir, info)
     marker = Path(cfg.train.output_dir) / PREEMPTED_MARKER
@@ -212,6 +215,8 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
                            sync_cuda=cfg.metrics.prometheus_port > 0)
     parquet = ParquetLog(Path(cfg.train.output_dir) / "metrics.parquet", enabled=info.is_main,
                          keep_existing=bool(resume))
+    tracker = Tracker(cfg.metrics, cfg.train.output_dir, enabled=info.is_main, run_id=run_id, config=cfg.to_dict(),
+                      start_step=step)
     verifier = VerificationCallback(cfg.eval.bins, cfg.eval.batch_size, rank=info.rank, world_size=info.world_size,
                                     group=info.group, device=info.device)
     if info.is_main:
@@ -219,13 +224,16 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
         (Path(cfg.train.output_dir) / "config.yaml").write_text(cfg.to_yaml())
 
     def evaluate() -> dict:
+        sync_batchnorm_buffers(engine.module, info.group, cfg.train.batchnorm_sync)
         results = verifier(engine.module, step)
         for name, result in results.items():
             metrics.verification(name, result["accuracy"])
             parquet.append(step=step, **{f"{name}_accuracy": float(result["accuracy"])})
+        tracker.log_verification(step, results)
         return results
 
     def save() -> Path:
+        sync_batchnorm_buffers(engine.module, info.group, cfg.train.batchnorm_sync)
         with metrics.timer("checkpoint_save"):
             folder = checkpoints.save(engine=engine, head=head, head_optimizer=head_optimizer, train_state={
                 "step": step, "samples_seen": samples_seen, "epoch": batches.epoch, "position": loader.position(),
@@ -279,6 +287,11 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
             metrics.count_to("bad_records", loader.bad_records)
             parquet.append(step=step, epoch=progress, loss=mean_loss, lr=lr, images_per_s=images_per_s,
                            bad_records=loader.bad_records, nonfinite_steps=nonfinite.total)
+            parquet.flush()
+            tracker.log(step, **{"train/loss": mean_loss, "train/lr": lr, "train/stage": cfg.loss.stages.index(head.stage),
+                                 "train/epoch": progress, "train/images_per_s": images_per_s,
+                                 "train/grad_norm": engine.get_global_grad_norm(),
+                                 "train/skipped_steps": nonfinite.total, "train/bad_records": loader.bad_records})
         if result.stop:
             folder = save()
             metrics.count("preemption_saves")
@@ -296,13 +309,14 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
     last_results = evaluate() if verifier else {}
     folder = save()
     loader.close()
+    tracker.close()
     summary = {"steps": step, "first_loss": first_loss, "last_loss": last_loss, "timing": metrics.summary(),
                "first_accuracy": {k: float(v["accuracy"]) for k, v in first_results.items()},
                "last_accuracy": {k: float(v["accuracy"]) for k, v in last_results.items()},
                "checkpoint": str(folder), "nonfinite_steps": nonfinite.total}
     if info.is_main:
         atomic_write_json(Path(cfg.train.output_dir) / "summary.json", summary)
-        log.info("done: %s", summary)
+        log.info("%s", format_summary(summary, cfg.train.output_dir))
     dist.barrier(group=info.group)
     return summary | {"step_phases": list(metrics.recent), "peak_memory_bytes": metrics.set_memory()}
 
@@ -319,13 +333,10 @@ def cli(argv: list[str] | None = None) -> int:
         errors.warning("%s", exc)
         return exc.exit_code
     except (ConfigError, FileNotFoundError, ValueError, OutputFolderLocked) as exc:
-        # One line that says what to fix, not a traceback.
-        errors.error("%s", exc)
-        print(f"lvface: error: {exc}", file=sys.stderr)
+        report_error(str(exc))  # one line that says what to fix, not a traceback
         return 2
     except (CheckpointSaveError, NonFiniteTraining, CollectiveFailed) as exc:
-        errors.error("%s", exc)
-        print(f"lvface: error: {exc}", file=sys.stderr)
+        report_error(str(exc))
         return 1
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -96,7 +96,7 @@ def test_second_ctrl_c_stops_at_once_without_a_traceback(data, tmp_path):
     """The second SIGINT arrives during start-up, long before the first step could end and save."""
     out, log = tmp_path / "run", tmp_path / "log.txt"
     proc = _start([sys.executable, "-m", "lvface.train", *_args(data, out)], log)
-    _wait_for(log, "resolved config", proc)
+    _wait_for(log, "optimizer steps per epoch", proc)  # logged before the model and DeepSpeed are built
     os.killpg(proc.pid, signal.SIGINT)
     _wait_for(log, "lvface: Ctrl-C: saving", proc)
     os.killpg(proc.pid, signal.SIGINT)
