@@ -6,6 +6,11 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 RANKS=${RANKS:-2}
+# Without a GPU, DeepSpeed warns in each of its processes that it found none: say it once here instead.
+if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    export DS_ACCELERATOR=cpu
+    echo "demo: no CUDA device: $RANKS ranks on the CPU (gloo)"
+fi
 
 # A new demo is a fresh run: an earlier demo's folder (finished, or killed without a lock left behind) is
 # kept under a dated name rather than overwritten; lvface refuses a fresh run in a folder holding another
@@ -16,14 +21,8 @@ if [ -d demo_out/run ] && [ ! -e demo_out/run/.lvface.lock ]; then
     echo "demo: the previous demo run is kept in $previous"
 fi
 lvface synth --out demo_out/data --identities 300 --images-per-identity 20 --val-identities 100 --val-pairs 600
-deepspeed --num_gpus "$RANKS" lvface/train.py --ds_config configs/zero2.json --config configs/demo.yaml "$@"
-python - <<'PY'
-import json
-summary = json.load(open("demo_out/run/summary.json"))
-for name, last in summary["last_accuracy"].items():
-    first = summary["first_accuracy"].get(name, float("nan"))
-    print(f"verification {name}: accuracy {first:.4f} before training -> {last:.4f} after")
-print(f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; checkpoint {summary['checkpoint']}")
-PY
+# --log_level error: the launcher's own bookkeeping (commands, world info, pids) stays out of the log;
+# its errors (a rank's exit code) still show. The run ends with its summary (and summary.json).
+deepspeed --log_level error --num_gpus "$RANKS" lvface/train.py --ds_config configs/zero2.json --config configs/demo.yaml "$@"
 lvface eval verify --checkpoint demo_out/run/checkpoints --bin demo_out/data/val.bin
 lvface export --checkpoint demo_out/run/checkpoints --output demo_out/lvface_demo.onnx
