@@ -19,7 +19,9 @@ import warnings
 
 DEEPSPEED_LOGGER = "DeepSpeed"
 _DROPPED_LOG_MESSAGES = ("Setting accelerator to CPU.",)
-_DROPPED_WARNINGS = ((FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"),)
+_DROPPED_WARNINGS = (
+    (FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"),
+)
 
 
 class _DropMessages(logging.Filter):

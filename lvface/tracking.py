@@ -57,7 +57,8 @@ class Tracker:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: events a crashed or stopped attempt wrote after the checkpoint's step are dropped
-            self.writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None)
+            purge = start_step + 1 if start_step else None
+            self.writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=purge)
         if metrics_cfg.csv:
             path = output_dir / CSV_FILE
             new = not path.exists() or start_step == 0

@@ -288,15 +288,17 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
             parquet.append(step=step, epoch=progress, loss=mean_loss, lr=lr, images_per_s=images_per_s,
                            bad_records=loader.bad_records, nonfinite_steps=nonfinite.total)
             parquet.flush()
-            tracker.log(step, **{"train/loss": mean_loss, "train/lr": lr, "train/stage": cfg.loss.stages.index(head.stage),
-                                 "train/epoch": progress, "train/images_per_s": images_per_s,
+            tracker.log(step, **{"train/loss": mean_loss, "train/lr": lr,
+                                 "train/stage": cfg.loss.stages.index(head.stage), "train/epoch": progress,
+                                 "train/images_per_s": images_per_s,
                                  "train/grad_norm": engine.get_global_grad_norm(),
                                  "train/skipped_steps": nonfinite.total, "train/bad_records": loader.bad_records})
         if result.stop:
             folder = save()
             metrics.count("preemption_saves")
             log.warning("preemption save: %s written after step %d; %s", folder, step, stop.exit_note())
-            if info.is_main and stop.requeue:  # for launchers that lose the exit code (torchrun): launch/k8s/pytorchjob.yaml
+            # for launchers that lose the exit code (torchrun): launch/k8s/pytorchjob.yaml; not after a Ctrl-C
+            if info.is_main and stop.requeue:
                 (Path(cfg.train.output_dir) / PREEMPTED_MARKER).write_text(f"{folder}\n")
             loader.close()
             raise Preempted(stop.signal_name, folder, stop.exit_code)
