@@ -44,3 +44,7 @@ def _install_kernels_finder() -> None:
 
 
 _install_kernels_finder()
+
+from lvface.logs import quiet_library_messages  # noqa: E402 (after the finder: it imports nothing of lvface's)
+
+quiet_library_messages()

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
@@ -20,13 +19,13 @@ COMMAND_MODULES: list[str] = ["lvface.checkpoint.manager", "lvface.eval.commands
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from lvface.data.synthetic import write_synthetic_dataset
+    from lvface.data.synthetic import describe_dataset, write_synthetic_dataset
 
     meta = write_synthetic_dataset(
         args.out, num_identities=args.identities, images_per_identity=args.images_per_identity,
         val_identities=args.val_identities, val_pairs=args.val_pairs, seed=args.seed,
     )
-    print(json.dumps(meta, indent=1))
+    print(describe_dataset(args.out, meta))
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -282,9 +283,13 @@ class TrainConfig:
     """Longest wait for another rank in any collective (gloo and NCCL); past it every rank exits with an error."""
     max_nonfinite_steps: int = 20
     """Consecutive skipped (non-finite loss or gradient) steps after which the run stops; 0 never stops."""
+    batchnorm_sync: str = "average"
+    """How the ranks' BatchNorm running statistics become one set before each evaluation and save: average
+    (the mean over ranks) or broadcast (rank 0's, as torch DDP)."""
 
     def validate(self, where: str = "train") -> None:
         _choose(where, "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _choose(where, "batchnorm_sync", self.batchnorm_sync, ("average", "broadcast"))
         _require(self.gradient_accumulation_steps > 0, where, "gradient_accumulation_steps", "must be positive")
 
 
@@ -323,9 +328,20 @@ class CheckpointConfig:
 class MetricsConfig:
     prometheus_port: int = 0
     """Port of the Prometheus exporter on each rank (port + local rank); 0 disables it."""
+    tensorboard: bool = True
+    """TensorBoard event files of lvface's scalars (loss, lr, stage, images/s, skipped steps, verification) in
+    <output_dir>/tensorboard (lvface/tracking.py)."""
+    csv: bool = False
+    """The same scalars as step,tag,value rows in <output_dir>/scalars.csv."""
+    wandb: bool = False
+    """The same scalars to Weights & Biases (needs `pip install wandb`)."""
+    wandb_project: str = "lvface"
+    """W&B project of the run."""
+    wandb_mode: str = "online"
+    """W&B mode: online, or offline (written under <output_dir>/wandb; upload later with `wandb sync`)."""
 
     def validate(self, where: str = "metrics") -> None:
-        """Every value of the right type is usable."""
+        _choose(where, "wandb_mode", self.wandb_mode, ("online", "offline"))
 
 
 @dataclass
@@ -420,10 +436,67 @@ def _build(cls: type, data: dict, where: str = "") -> Any:
     return cls(**kwargs)
 
 
+# --------------------------------------------------------------------------------------------------
+# Ranges: one table per section, key -> (accepts the value, what the value must be). A table reads
+# its own section only, so `check_ranges(section_name, section)` can run from that section's validate().
+# --------------------------------------------------------------------------------------------------
+
+Range = tuple[typing.Callable[[Any], bool], str]
+_POSITIVE: Range = (lambda v: v > 0, "positive")
+_NON_NEGATIVE: Range = (lambda v: v >= 0, "zero or more")
+_FRACTION: Range = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_PROBABILITY = _FRACTION
+_OPEN_FRACTION: Range = (lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def _optional(check: Range) -> Range:
+    return (lambda v: v is None or check[0](v), check[1] + " (or null for the default)")
+
+
+RANGES: dict[str, dict[str, Range]] = {
+    "model": {"num_features": _POSITIVE, "drop_path_rate": _optional(_OPEN_FRACTION),
+              "mask_ratio": _optional(_OPEN_FRACTION)},
+    "data": {"num_classes": _NON_NEGATIVE, "num_images": _NON_NEGATIVE, "batch_size": _POSITIVE,
+             "num_workers": _NON_NEGATIVE, "dali_threads": _POSITIVE, "prefetch": _POSITIVE,
+             "crop_p": _PROBABILITY, "crop_min_scale": (lambda v: 0 < v <= 1, "in (0, 1]"),
+             "color_p": _PROBABILITY, "color_strength": _OPEN_FRACTION, "grayscale_p": _PROBABILITY,
+             "blur_p": _PROBABILITY, "mask_p": _PROBABILITY,
+             "blur_sigma": (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[low, high] with 0 < low <= high")},
+    "loss": {"scale": _POSITIVE,
+             # cos(m1 * theta + m2) - m3 must still be able to rise above the other classes' cosines: with
+             # m2 >= pi/2 or m3 >= 1 the target logit is never positive and the loss trains nothing
+             "m1": (lambda v: 0 < v <= 4, "in (0, 4] (1 = no multiplicative margin; SphereFace uses up to 4)"),
+             "m2": (lambda v: 0 <= v < math.pi / 2, "in [0, pi/2) radians (ArcFace: 0.5)"),
+             "m3": (lambda v: 0 <= v < 1, "in [0, 1) (CosFace: 0.35 to 0.4)"),
+             "prototype_momentum": _FRACTION, "chunk_mb": _POSITIVE},
+    "optimizer": {"lr": _POSITIVE, "weight_decay": _NON_NEGATIVE, "eps": _POSITIVE,
+                  "betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+                  "head_lr": _optional(_POSITIVE), "head_weight_decay": _optional(_NON_NEGATIVE)},
+    "schedule": {"warmup_epochs": _NON_NEGATIVE, "warmup_steps": _NON_NEGATIVE, "power": _POSITIVE,
+                 "min_lr_ratio": _FRACTION},
+    "train": {"epochs": _POSITIVE, "max_steps": (lambda v: v >= 0, "zero (derive it from train.epochs) or more"),
+              "grad_clip": (lambda v: v >= 0, "zero (no clipping) or more"), "gradient_accumulation_steps": _POSITIVE,
+              "log_every": _POSITIVE, "collective_timeout_s": _POSITIVE, "max_nonfinite_steps": _NON_NEGATIVE},
+    "eval": {"every_steps": _NON_NEGATIVE, "batch_size": _POSITIVE},
+    "checkpoint": {"every_steps": _NON_NEGATIVE, "keep_last": _POSITIVE},
+    "metrics": {"prometheus_port": (lambda v: 0 <= v <= 65535, "a TCP port, or 0 to disable the exporter")},
+}
+
+
+def check_ranges(where: str, section: Any) -> None:
+    """Raise a ConfigError naming the first key of `section` (config section `where`) out of its range."""
+    for key, (accepts, wanted) in RANGES.get(where, {}).items():
+        value = getattr(section, key)
+        if not accepts(value):
+            raise ConfigError(f"config key '{where}.{key}' is {value!r}; it must be {wanted}")
+
+
 def validate(cfg: Config) -> Config:
-    """The checks that a type annotation cannot express: each section's own `validate`."""
+    """The checks that a type annotation cannot express: each section's own `validate` (choices and
+    cross-field rules), then the section's row of RANGES (sense: positive lengths, margins in range)."""
     for section in dataclasses.fields(cfg):
         getattr(cfg, section.name).validate(section.name)
+        check_ranges(section.name, getattr(cfg, section.name))
     return cfg
 
 

@@ -18,6 +18,7 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -224,6 +225,15 @@ def setup_logging(rank: int, level: int = logging.INFO) -> None:
     )
 
 
+def report_error(message: str, prefix: str = "lvface: error") -> None:
+    """Print a fatal error as one line, once per node rather than once per rank: every rank of a
+    launcher meets the same bad config or file, and each printing it buried it in copies. Local rank 0
+    prints (a world of one, or a process before any launcher set LOCAL_RANK, counts as local rank 0);
+    a path missing on one node only is still reported by that node."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+
+
 def describe_device(device: torch.device) -> str:
     """A device's name for logs and benchmark records: the GPU's model, or the CPU and its thread count."""
     import platform
@@ -231,3 +241,30 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def sync_batchnorm_buffers(module: torch.nn.Module, group, how: str = "average") -> None:
+    """Make every rank's module buffers (the feature head's BatchNorm running statistics) one set.
+
+    Each rank's running statistics follow its own batches and nothing else syncs them (DeepSpeed
+    averages gradients only), so without this an evaluation split over ranks mixes their statistics
+    while `backbone.pt`, the ONNX export and a resume carry rank 0's. Called before every evaluation
+    and every save, so all of these see the same buffers. `how` (train.batchnorm_sync): "average" (the
+    mean over ranks: the running mean becomes exactly the moving average of the global batch means)
+    or "broadcast" (rank 0's, as torch DDP does at every forward). Integer buffers (the batch counter,
+    equal on every rank) are broadcast either way. Collective over `group`; the training forward uses
+    batch statistics, so the losses do not change.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    source = dist.get_global_rank(group, 0) if group is not None else 0
+    with torch.no_grad():
+        for buffer in module.buffers():
+            if how == "average" and buffer.is_floating_point():
+                dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+                buffer.div_(world)
+            else:
+                dist.broadcast(buffer, src=source, group=group)

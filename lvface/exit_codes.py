@@ -1,6 +1,7 @@
 """How a training process ends: its exit code, and a one-line error instead of a traceback.
 
-0: done. 75 (EXIT_PREEMPTED): stopped by a signal after a checkpoint; requeue and resume. 2: the input
+0: done. 75 (EXIT_PREEMPTED): stopped by a signal after a checkpoint; requeue and resume. 130: stopped by
+Ctrl-C after a checkpoint (no requeue). 2: the input
 is wrong (config, files, a busy output folder): the line says what to fix. 1: the run failed (a save,
 non-finite training, a dead or hung peer). Anything else is a bug and keeps its traceback.
 """
@@ -8,7 +9,6 @@ non-finite training, a dead or hung peer). Anything else is a bug and keeps its 
 from __future__ import annotations
 
 import logging
-import sys
 from contextlib import contextmanager
 from typing import Callable
 
@@ -17,7 +17,8 @@ import torch.distributed as dist
 from lvface.checkpoint.manager import CheckpointSaveError
 from lvface.config import ConfigError
 from lvface.engine import NonFiniteTraining
-from lvface.preemption import EXIT_PREEMPTED, Preempted
+from lvface.distributed import report_error
+from lvface.preemption import Preempted
 from lvface.run_lock import OutputFolderLocked
 
 INPUT_ERRORS = (ConfigError, FileNotFoundError, ValueError, OutputFolderLocked)
@@ -53,10 +54,9 @@ def exit_code(run: Callable[[], object]) -> int:
         run()
     except Preempted as exc:
         errors.warning("%s", exc)
-        return EXIT_PREEMPTED
+        return exc.exit_code
     except INPUT_ERRORS + RUN_ERRORS as exc:
-        errors.error("%s", exc)
-        print(f"lvface: error: {exc}", file=sys.stderr)
+        report_error(str(exc))  # one line per node that says what to fix, not a traceback
         return 2 if isinstance(exc, INPUT_ERRORS) else 1
     finally:
         if dist.is_available() and dist.is_initialized():

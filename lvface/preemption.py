@@ -1,4 +1,4 @@
-"""Preemption: a signal asks the run to stop; the ranks agree at a step boundary, save, and exit 75.
+"""Preemption and Ctrl-C: a signal asks the run to stop; the ranks agree at a step boundary, save, and exit.
 
 SLURM sends SIGTERM (or the signal asked for with ``--signal``, SIGUSR1 in launch/slurm_64gpu.sh) ahead
 of a preemption or the time limit; Kubernetes sends SIGTERM before it kills a pod. A signal handler
@@ -7,6 +7,23 @@ puts it into the one all-reduce of the step (lvface/engine.py ``train_step``), s
 same answer at the same step, the checkpoint manager saves, and the process exits with
 ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL: "try again"), which the launch scripts treat as "requeue and
 resume".
+
+Ctrl-C (SIGINT, sent by the terminal to the whole process group: launcher, ranks and their loader
+workers) is the same request from a person, who wants the run saved and stopped, not requeued: the
+ranks save at the next step boundary and exit ``EXIT_INTERRUPTED`` (130, the shell's code for a
+process ended by SIGINT, which also stops a ``set -e`` script), and the launch scripts requeue only on
+75. A second Ctrl-C exits at once (130) with one line and no traceback; the last complete checkpoint
+stays the resume point. Loader worker processes ignore both signals (``ignore_stop_signals``): they
+leave with their rank, and one killed mid-save would make torch's SIGCHLD handler raise in the rank.
+
+DeepSpeed's single-node launcher (deepspeed.launcher.launch) answers a Ctrl-C by sending SIGTERM to
+each rank's process tree and SIGKILL 30 s later (its ``terminate_process_tree``); its runner
+(``deepspeed``) dies of the KeyboardInterrupt at once and prints its own short traceback. The ranks
+count the SIGTERM as the same stop request, so a Ctrl-C under ``deepspeed`` saves as long as the
+current step and the checkpoint take under 30 s; a longer save is cut by that SIGKILL (the previous
+checkpoint stays intact and is the resume point). On such runs stop with ``kill -USR1`` to the ranks,
+or SIGTERM to the runner, neither of which starts that clock. torchrun's agent does the same with its
+own 30 s grace period.
 
 No rank is orphaned when its launcher dies. ``deepspeed`` (deepspeed.launcher.runner) installs no
 signal handler on a single node: SIGTERM kills the runner, and its child deepspeed.launcher.launch
@@ -29,24 +46,44 @@ log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75
 """Exit code of a run that saved because it was asked to stop (EX_TEMPFAIL): requeue and resume."""
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+"""Exit code of a run stopped by Ctrl-C (saved after the first, at once after the second): no requeue."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_RANK_VARIABLES = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 _LAUNCHER_MARKERS = ("deepspeed.launcher", "deepspeed/launcher", "bin/deepspeed", "torch.distributed.run",
                      "torchrun", "torch/distributed/run")
 
 
 class Preempted(Exception):
-    """Raised after the preemption checkpoint is written; the entry point exits with EXIT_PREEMPTED."""
+    """Raised after the stop checkpoint is written; the entry point exits with `exit_code`
+    (EXIT_PREEMPTED, or EXIT_INTERRUPTED after a Ctrl-C)."""
 
-    def __init__(self, signal_name: str, checkpoint):
+    def __init__(self, signal_name: str, checkpoint, exit_code: int = EXIT_PREEMPTED):
         super().__init__(f"stopped by {signal_name}; resume from {checkpoint} with checkpoint.resume=auto")
-        self.signal_name, self.checkpoint = signal_name, checkpoint
+        self.signal_name, self.checkpoint, self.exit_code = signal_name, checkpoint, exit_code
+
+
+def _first_process() -> bool:
+    """Rank 0 as the launcher numbers it, known before the process group exists (for one line per job)."""
+    return all(os.environ.get(name, "0") == "0" for name in _RANK_VARIABLES)
+
+
+def _say(text: str) -> None:
+    # os.write, not print: a handler may interrupt a print to stderr, and a re-entered buffered write raises
+    try:
+        os.write(2, (text + "\n").encode())
+    except OSError:
+        pass
 
 
 class StopRequest:
-    """The signals that ask this process to stop, recorded by handlers that do nothing else."""
+    """The signals that ask this process to stop, recorded by handlers that do nothing else (but the
+    second Ctrl-C, which ends the process)."""
 
     def __init__(self):
         self.signum: int | None = None
+        self.interrupts = 0
+        """Ctrl-Cs (SIGINTs) received."""
         self._previous: dict[int, object] = {}
 
     @property
@@ -55,9 +92,35 @@ class StopRequest:
 
     @property
     def signal_name(self) -> str:
+        if self.interrupts:
+            return "SIGINT (Ctrl-C)"
         return signal.Signals(self.signum).name if self.signum else "a stop request of another rank"
 
-    def _handle(self, signum, frame) -> None:  # async-signal context: record only
+    @property
+    def exit_code(self) -> int:
+        """130 when a person pressed Ctrl-C (no requeue), 75 for a scheduler's or another rank's request."""
+        return EXIT_INTERRUPTED if self.interrupts else EXIT_PREEMPTED
+
+    @property
+    def requeue(self) -> bool:
+        return self.exit_code == EXIT_PREEMPTED
+
+    def exit_note(self) -> str:
+        if self.requeue:
+            return f"exiting with {EXIT_PREEMPTED} so that the job is requeued"
+        return f"exiting with {EXIT_INTERRUPTED} (Ctrl-C: no requeue)"
+
+    def _handle(self, signum, frame) -> None:  # async-signal context: record (and one line for a person)
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts >= 2:
+                if _first_process():
+                    _say("lvface: second Ctrl-C: stopped now without saving; resume from the last complete "
+                         "checkpoint with checkpoint.resume=auto")
+                os._exit(EXIT_INTERRUPTED)
+            if _first_process():
+                _say("lvface: Ctrl-C: saving a checkpoint after this step, then exiting "
+                     "(resume with checkpoint.resume=auto; Ctrl-C again stops at once without saving)")
         if self.signum is None:
             self.signum = signum
 
@@ -70,6 +133,13 @@ class StopRequest:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
+
+
+def ignore_stop_signals() -> None:
+    """For helper processes of a rank (loader workers): the stop signals are the rank's to handle. They
+    exit with the rank (torch's workers watch their parent)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _cmdline(pid: int) -> str:

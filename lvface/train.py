@@ -27,7 +27,7 @@ from lvface.checkpoint.state import TrainState
 from lvface.config import load_config
 from lvface.data.epochs import EpochBatches
 from lvface.data.loader import build_train_loader
-from lvface.distributed import DistInfo, init_distributed, seed_everything, setup_logging
+from lvface.distributed import DistInfo, init_distributed, seed_everything, setup_logging, sync_batchnorm_buffers
 from lvface.engine import NonFiniteSteps, build_ds_config, build_engine, param_groups, train_step
 from lvface.eval.callback import VerificationCallback
 from lvface.exit_codes import collective_failures, exit_code
@@ -35,10 +35,12 @@ from lvface.heads import ShardedMarginHead, build_head_optimizer, stage_for_epoc
 from lvface.metrics import TrainMetrics
 from lvface.models import build_backbone
 from lvface.models.vit import no_weight_decay_names
-from lvface.preemption import EXIT_PREEMPTED, Preempted, StopRequest, watch_launcher
+from lvface.preemption import Preempted, StopRequest, watch_launcher
+from lvface.preflight import check_inputs
 from lvface.run_folder import RunFolder
 from lvface.run_lock import hold_output_folder
 from lvface.schedule import Schedule, set_schedule_position
+from lvface.tracking import Tracker, format_summary
 from lvface.train_log import TrainLog
 
 log = logging.getLogger("lvface.train")
@@ -60,12 +62,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
+    check_inputs(cfg, args.ds_config)  # seconds, before any rank waits for another
     # stop signals (preemption) are recorded from here on; a dead launcher counts as one
     stop = StopRequest().install()
     watch_launcher()
     info = init_distributed(cfg.train.collective_timeout_s)
     setup_logging(info.rank)
-    log.info("resolved config:\n%s", cfg.to_yaml())
+    log.debug("resolved config:\n%s", cfg.to_yaml())  # config.yaml in the output folder holds it too
     run = RunFolder(cfg.train.output_dir)
     with hold_output_folder(run.path, info.rank, info.world_size, info.group), \
             collective_failures(cfg.train.collective_timeout_s):  # one run at a time in the folder
@@ -113,7 +116,10 @@ class Trainer:
         self.state.step = self.schedule.step_at(self.state.samples_seen)
         self.set_lr()
         # reports: logs, Parquet rows, verification
-        self.log = TrainLog(self.metrics, run.metrics, self.schedule, self.state.step, info, resumed=saved is not None)
+        tracker = Tracker(cfg.metrics, run.path, enabled=info.is_main, run_id=self.state.run_id, config=cfg.to_dict(),
+                          start_step=self.state.step)
+        self.log = TrainLog(self.metrics, run.metrics, self.schedule, self.state.step, info, resumed=saved is not None,
+                            tracker=tracker)
         self.verifier = VerificationCallback(cfg.eval.bins, cfg.eval.batch_size, rank=info.rank,
                                              world_size=info.world_size, group=info.group, device=info.device)
         if info.is_main:
@@ -125,10 +131,12 @@ class Trainer:
         set_schedule_position(self.head_scheduler, self.state.step)
 
     def evaluate(self) -> dict:
+        sync_batchnorm_buffers(self.engine.module, self.info.group, self.cfg.train.batchnorm_sync)
         return self.log.evaluation(self.state.step, self.verifier(self.engine.module, self.state.step))
 
     def save(self, force: bool = True) -> Path | None:
         """Checkpoint the state after the last step (forced, else at checkpoint.every_steps). Collective."""
+        sync_batchnorm_buffers(self.engine.module, self.info.group, self.cfg.train.batchnorm_sync)  # one set saved
         self.state.epoch, self.state.position = self.batches.epoch, self.loader.position()
         self.state.stage = self.head.stage.name
         folder = self.checkpointer.save(self.state, force=force)
@@ -160,11 +168,12 @@ class Trainer:
         last_results = self.evaluate() if self.verifier else {}
         folder = self.save()
         self.loader.close()
+        self.log.close()
         summary = self.log.summary(steps=state.step, first_results=first_results, last_results=last_results,
                                    checkpoint=folder, nonfinite_steps=self.nonfinite.total)
         if self.info.is_main:
             self.run.write_summary(summary)
-            log.info("done: %s", summary)
+            log.info("%s", format_summary(summary, self.run.path))
         dist.barrier(group=self.info.group)
         return summary | {"step_phases": list(self.metrics.recent), "peak_memory_bytes": self.metrics.set_memory()}
 
@@ -187,12 +196,12 @@ class Trainer:
     def preempted(self) -> None:
         folder = self.save()
         self.metrics.count("preemption_saves")
-        log.warning("preemption save: %s written after step %d; exiting with %d so that the job is requeued",
-                    folder, self.state.step, EXIT_PREEMPTED)
-        if self.info.is_main:  # for launchers that lose the exit code (torchrun): launch/k8s/pytorchjob.yaml
+        log.warning("preemption save: %s written after step %d; %s", folder, self.state.step, self.stop.exit_note())
+        # for launchers that lose the exit code (torchrun): launch/k8s/pytorchjob.yaml; not after a Ctrl-C
+        if self.info.is_main and self.stop.requeue:
             self.run.mark_preempted(folder)
         self.loader.close()
-        raise Preempted(self.stop.signal_name, folder)
+        raise Preempted(self.stop.signal_name, folder, self.stop.exit_code)
 
 
 def cli(argv: list[str] | None = None) -> int:

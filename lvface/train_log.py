@@ -12,15 +12,17 @@ import torch.distributed as dist
 from lvface.distributed import DistInfo
 from lvface.metrics import ParquetLog, Throughput, TrainMetrics, format_duration
 from lvface.schedule import Schedule
+from lvface.tracking import Tracker
 
 log = logging.getLogger("lvface.train")  # its lines are part of the training log
 
 
 class TrainLog:
     def __init__(self, metrics: TrainMetrics, parquet_path: Path, schedule: Schedule, start_step: int,
-                 info: DistInfo, resumed: bool):
-        """`resumed`: the Parquet log continues the rows of `parquet_path` (rank 0 writes it)."""
-        self.metrics = metrics
+                 info: DistInfo, resumed: bool, tracker: Tracker | None = None):
+        """`resumed`: the Parquet log continues the rows of `parquet_path` (rank 0 writes it). `tracker`:
+        TensorBoard / CSV / W&B (lvface/tracking.py), written beside the Parquet rows."""
+        self.metrics, self.tracker = metrics, tracker
         self.parquet = ParquetLog(parquet_path, enabled=info.is_main, keep_existing=resumed)
         self.throughput = Throughput(schedule.images_per_step, schedule.total_steps, start_step=start_step)
         self.group, self.world_size = info.group, info.world_size
@@ -53,12 +55,24 @@ class TrainLog:
         self.metrics.count_to("bad_records", bad_records)
         self.parquet.append(step=step, epoch=epoch, loss=mean_loss, lr=lr, images_per_s=images_per_s,
                             bad_records=bad_records, nonfinite_steps=nonfinite_steps)
+        self.parquet.flush()  # readable while the run goes on (lvface plot, report), not only at checkpoints
+        if self.tracker is not None:
+            self.tracker.log(step, **{"train/loss": mean_loss, "train/lr": lr, "train/stage": stage_index,
+                                      "train/epoch": epoch, "train/images_per_s": images_per_s,
+                                      "train/grad_norm": grad_norm, "train/skipped_steps": nonfinite_steps,
+                                      "train/bad_records": bad_records})
 
     def evaluation(self, step: int, results: dict[str, dict]) -> dict[str, dict]:
         for name, result in results.items():
             self.metrics.verification(name, result["accuracy"])
             self.parquet.append(step=step, **{f"{name}_accuracy": float(result["accuracy"])})
+        if self.tracker is not None:
+            self.tracker.log_verification(step, results)
         return results
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
 
     def summary(self, *, steps: int, first_results: dict, last_results: dict, checkpoint: Path,
                 nonfinite_steps: int) -> dict:

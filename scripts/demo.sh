@@ -16,6 +16,11 @@ if printf '%s\n' "$@" | grep -qx -- '--'; then
     while [ "$1" != "--" ]; do LAUNCHER+=("$1"); shift; done
     shift
 fi
+# Without a GPU, DeepSpeed warns in each of its processes that it found none: say it once here instead.
+if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    export DS_ACCELERATOR=cpu
+    echo "demo: no CUDA device: ${RANKS:-2} ranks on the CPU (gloo)"
+fi
 
 # A new demo is a fresh run: an earlier demo's folder (finished, or killed without a lock left behind) is
 # kept under a dated name rather than overwritten; lvface refuses a fresh run in a folder holding another
@@ -27,15 +32,9 @@ if [ -d demo_out/run ] && [ ! -e demo_out/run/.lvface.lock ]; then
     echo "demo: the previous demo run is kept in $previous"
 fi
 lvface synth --out demo_out/data --identities 300 --images-per-identity 20 --val-identities 100 --val-pairs 600
-bash scripts/launch_local.sh ${LAUNCHER[@]+"${LAUNCHER[@]}"} -- \
+# --log_level error: the launcher's own bookkeeping (commands, world info, pids) stays out of the log;
+# its errors (a rank's exit code) still show. The run ends with its summary (and summary.json).
+bash scripts/launch_local.sh --log_level error ${LAUNCHER[@]+"${LAUNCHER[@]}"} -- \
     lvface/train.py --ds_config configs/zero2.json --config configs/demo.yaml "$@"
-python - <<'PY'
-import json
-summary = json.load(open("demo_out/run/summary.json"))
-for name, last in summary["last_accuracy"].items():
-    first = summary["first_accuracy"].get(name, float("nan"))
-    print(f"verification {name}: accuracy {first:.4f} before training -> {last:.4f} after")
-print(f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; checkpoint {summary['checkpoint']}")
-PY
 lvface eval verify --checkpoint demo_out/run/checkpoints --bin demo_out/data/val.bin
 lvface export --checkpoint demo_out/run/checkpoints --output demo_out/lvface_demo.onnx

@@ -442,6 +442,17 @@ def write_synthetic_dataset(out_dir: str, *, num_identities: int = 300,
     with atomic_open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
         f.write("\n")
-    logger.info("wrote synthetic data set %s: %d images of %d identities, %d val pairs",
-                out_dir, layout.num_images, layout.num_classes, val_pairs)
+    logger.debug("wrote synthetic data set %s: %d images of %d identities, %d val pairs",
+                 out_dir, layout.num_images, layout.num_classes, val_pairs)
     return meta
+
+
+def describe_dataset(out_dir: str, meta: dict) -> str:
+    """A few lines on what `write_synthetic_dataset` wrote (meta.json beside the files holds the rest)."""
+    return "\n".join([
+        f"synthetic data set in {out_dir} (every parameter in meta.json):",
+        f"  train.rec  {meta['num_images']} images of {meta['num_classes']} identities, "
+        f"{meta['image_size']}x{meta['image_size']} JPEG q{meta['jpeg_quality']}, seed {meta['seed']}",
+        f"  val.bin    {meta['val_pairs']} pairs ({meta['val_same_pairs']} same identity) of "
+        f"{meta['val_identities']} held-out identities",
+    ])

@@ -22,6 +22,7 @@ from lvface.data.images import IMAGE_SIZE, decode_image, normalize_images
 from lvface.data.index import RecordIndex
 from lvface.data.recordio import InsightFaceRecord
 from lvface.data.sampler import GlobalOrder
+from lvface.preemption import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class _Jobs:
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # one core per worker: decoding is the work
+    ignore_stop_signals()  # Ctrl-C and SIGTERM reach the workers too: the rank stops them after its save
 
 
 class TorchTrainLoader(TrainLoader):
