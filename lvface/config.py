@@ -204,6 +204,9 @@ class TrainConfig:
     """Folder for checkpoints, the resolved config and logs."""
     collective_timeout_s: float = 600.0
     """Longest wait for another rank in any collective (gloo and NCCL); past it every rank exits with an error."""
+    hang_dump_fraction: float = 0.5
+    """After this fraction of collective_timeout_s without a finished step every rank writes its Python stacks to
+    output_dir/stacks/ and reads the others' heartbeats (lvface/watchdog.py); 0 turns the watchdog off."""
     max_nonfinite_steps: int = 20
     """Consecutive skipped (non-finite loss or gradient) steps after which the run stops; 0 never stops."""
 
@@ -376,6 +379,9 @@ def validate(cfg: Config) -> Config:
     if cfg.optimizer.head_impl == "apex" and cfg.optimizer.head_sparse_rows:
         raise ConfigError("config key 'optimizer.head_impl' is apex, which steps every row of the centers with one "
                           "step count; set optimizer.head_sparse_rows=false with it, or optimizer.head_impl=torch")
+    if not 0 <= cfg.train.hang_dump_fraction < 1:
+        raise ConfigError("config key 'train.hang_dump_fraction' must be in [0, 1): the stacks are dumped before the "
+                          "collective timeout ends the run (0 turns the watchdog off)")
     if len(cfg.optimizer.betas) != 2:
         raise ConfigError("config key 'optimizer.betas' must have two numbers")
     return cfg

@@ -31,6 +31,7 @@ from lvface.checkpoint_files import TRAIN_STATE_FILE, load_backbone_into
 from lvface.config import ConfigError, load_config
 from lvface.data.loader import build_train_loader
 from lvface.distributed import DistInfo, init_distributed, setup_logging
+from lvface.events import EventLog
 from lvface.engine import (NonFiniteSteps, NonFiniteTraining, build_ds_config, build_engine, build_lr_lambda,
                            param_groups, set_schedule_position, train_step, zero_stage)
 from lvface.eval.callback import VerificationCallback
@@ -41,6 +42,7 @@ from lvface.models import build_vit
 from lvface.models.vit import no_weight_decay_names
 from lvface.preemption import EXIT_PREEMPTED, Preempted, StopRequest, watch_launcher
 from lvface.run_lock import OutputFolderLocked, OutputLock
+from lvface.watchdog import StragglerWatch
 
 log = logging.getLogger("lvface.train")
 
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     stop = StopRequest().install()
     watch_launcher()
     # distributed
-    info = init_distributed(cfg.train.collective_timeout_s)
+    info = init_distributed(cfg.train.collective_timeout_s, cfg.train.output_dir, cfg.train.hang_dump_fraction)
     setup_logging(info.rank)
     log.info("resolved config:\n%s", cfg.to_yaml())
     # the output folder: one run at a time
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise
         raise CollectiveFailed(f"a collective failed or waited longer than train.collective_timeout_s="
                                f"{cfg.train.collective_timeout_s:g} s: another rank is dead, stopped or hung "
-                               f"({str(exc).splitlines()[0][:300]})") from exc
+                               f"({str(exc).splitlines()[0][:300]}).{info.heartbeat.describe()}") from exc
     finally:
         lock.release()
 
@@ -210,6 +212,8 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
     # metrics
     metrics = TrainMetrics(cfg.metrics.prometheus_port, info.rank, info.local_rank, info.device,
                            sync_cuda=cfg.metrics.prometheus_port > 0)
+    metrics.events = EventLog.started(cfg.train.output_dir, info.is_main, world_size=info.world_size, step=step)
+    stragglers = StragglerWatch(metrics, info.rank, info.world_size, info.group)
     parquet = ParquetLog(Path(cfg.train.output_dir) / "metrics.parquet", enabled=info.is_main,
                          keep_existing=bool(resume))
     verifier = VerificationCallback(cfg.eval.bins, cfg.eval.batch_size, rank=info.rank, world_size=info.world_size,
@@ -219,7 +223,8 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
         (Path(cfg.train.output_dir) / "config.yaml").write_text(cfg.to_yaml())
 
     def evaluate() -> dict:
-        results = verifier(engine.module, step)
+        with metrics.timer("evaluation"):
+            results = verifier(engine.module, step)
         for name, result in results.items():
             metrics.verification(name, result["accuracy"])
             parquet.append(step=step, **{f"{name}_accuracy": float(result["accuracy"])})
@@ -245,11 +250,13 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
     batches = EpochBatches(loader, epoch, position)
     engine.train()
     first_loss = last_loss = None
+    metrics.loop_started(step)
     while step < total_steps:
         result = train_step(engine, head, head_optimizer, batches, accumulation=accum, group=info.group,
                             stop_requested=stop.requested, metrics=metrics)
         step += 1
-        metrics.step_done()
+        info.heartbeat.beat(step)
+        metrics.step_done(skipped=result.skipped)
         samples_seen += images_per_step
         # DeepSpeed does not step its scheduler on a skipped step: the schedule follows the samples seen
         set_schedule_position(engine.lr_scheduler, step)
@@ -279,6 +286,8 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
             metrics.count_to("bad_records", loader.bad_records)
             parquet.append(step=step, epoch=progress, loss=mean_loss, lr=lr, images_per_s=images_per_s,
                            bad_records=loader.bad_records, nonfinite_steps=nonfinite.total)
+            stragglers.check(step)
+            metrics.record_window(step)
         if result.stop:
             folder = save()
             metrics.count("preemption_saves")
@@ -287,6 +296,7 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
             if info.is_main:  # for launchers that lose the exit code (torchrun): launch/k8s/pytorchjob.yaml
                 (Path(cfg.train.output_dir) / PREEMPTED_MARKER).write_text(f"{folder}\n")
             loader.close()
+            metrics.run_ended("preempted", step)
             raise Preempted(stop.signal_name, folder)
         if verifier and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
             evaluate()
@@ -297,6 +307,7 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
     last_results = evaluate() if verifier else {}
     folder = save()
     loader.close()
+    metrics.run_ended("done", step)
     summary = {"steps": step, "first_loss": first_loss, "last_loss": last_loss, "timing": metrics.summary(),
                "first_accuracy": {k: float(v["accuracy"]) for k, v in first_results.items()},
                "last_accuracy": {k: float(v["accuracy"]) for k, v in last_results.items()},
