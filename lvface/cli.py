@@ -12,9 +12,9 @@ import logging
 import sys
 
 
-# Modules that add subcommands (reshard; eval, embed; export; pack, inspect; plot).
+# Modules that add subcommands (reshard; eval, embed; export; pack, inspect; plot; report).
 COMMAND_MODULES: list[str] = ["lvface.checkpoint", "lvface.eval.commands", "lvface.export", "lvface.data.pack",
-                              "lvface.plot"]
+                              "lvface.plot", "lvface.report"]
 
 
 def _synth(args: argparse.Namespace) -> int:
