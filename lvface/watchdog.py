@@ -104,7 +104,7 @@ class Heartbeat:
                     self._read()
                 continue
             self.stalled_at = time.monotonic()
-            self.dump_stacks(f"no step finished for {self.dump_after_s:.0f} s")
+            self.dump_stacks(f"no step finished for {self.dump_after_s:g} s")
             try:
                 self.store.set(STALLED_KEY + str(self.rank), f"{self.last_step} {time.time():.3f}")
             except Exception as exc:  # the store's server is gone or stopped: say so, keep watching
@@ -193,7 +193,7 @@ class StragglerWatch:
         """At a log interval, on every rank (collective): the straggling rank, or None."""
         if self.world_size == 1:
             return None
-        mine = torch.tensor([self.own_seconds()], dtype=torch.float64)
+        mine = torch.tensor([self.own_seconds()], dtype=torch.float64, device=self.metrics.device)  # NCCL: on the GPU
         gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
         dist.all_gather(gathered, mine, group=self.group)
         times = [float(t) for t in gathered]

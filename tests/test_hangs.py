@@ -94,3 +94,34 @@ def _slow_rank(rank, world_size, group, slow_rank, intervals):
 def test_a_slow_rank_is_named_a_straggler_after_three_intervals():
     for named in run_on_ranks(_slow_rank, 2, 1, 4, timeout=120):
         assert named == [None, None, 1, 1]
+
+
+def test_watchdog_names_the_rank_behind_and_the_one_whose_watchdog_did_not_answer(tmp_path):
+    """Rank 0 of 3 on a real TCPStore: rank 1 is marked waiting by its own watchdog (written here as it
+    would), rank 2 is a step behind; rank 0's watchdog dumps its stacks and reads them."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from lvface.watchdog import HEARTBEAT_KEY, STALLED_KEY, Heartbeat
+
+    store = dist.TCPStore("127.0.0.1", free_port(), is_master=True, timeout=timedelta(seconds=10))
+    beat = Heartbeat(store, 0, 3, tmp_path, dump_after_s=0.3)
+    try:
+        now = time.time()
+        store.set(HEARTBEAT_KEY + "1", f"5 {now}")
+        store.set(STALLED_KEY + "1", f"5 {now}")
+        store.set(HEARTBEAT_KEY + "2", f"4 {now - 3}")
+        store.set(STALLED_KEY + "2", f"3 {now - 30}")  # from an earlier stall: not this one
+        beat.beat(5)
+        deadline = time.monotonic() + 30
+        while beat.readings is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        text = beat.describe()
+    finally:
+        beat.close()
+    assert re.search(r"Ranks that did not arrive: rank 2 \(last step finished: 4, \d+ s ago\); waiting: "
+                     r"rank 0 \(last step finished: 5, \d+ s ago\), rank 1 \(last step finished: 5", text), text
+    assert store.get(STALLED_KEY + "0").decode().split()[0] == "5"
+    stacks = (tmp_path / "stacks" / "rank0.txt").read_text()
+    assert "no step finished for 0.3 s; last step finished: 5" in stacks and "test_hangs.py" in stacks
