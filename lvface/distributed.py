@@ -106,8 +106,8 @@ def flight_recorder_env(run_dir: str | Path) -> dict[str, str]:
     """NCCL's flight recorder, on unless the user set it: the last collectives of every rank kept in a
     ring buffer, dumped on a collective timeout to <run_dir>/nccl_trace/rank<k> (torch appends the rank;
     read with `python -m torch.distributed.flight_recorder.fr_trace`). Gloo ignores these variables."""
-    return {"TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-            "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(Path(run_dir) / "nccl_trace" / "rank")}
+    return {"TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+            "TORCH_FR_DUMP_TEMP_FILE": str(Path(run_dir) / "nccl_trace" / "rank")}
 
 
 def init_distributed(timeout_s: float = 600.0, run_dir: str | Path | None = None,
@@ -127,8 +127,12 @@ def init_distributed(timeout_s: float = 600.0, run_dir: str | Path | None = None
 
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if run_dir is not None:
+        # torch 2.13's names; a user's setting under the deprecated names wins too
+        deprecated = {"TORCH_FR_BUFFER_SIZE": "TORCH_NCCL_TRACE_BUFFER_SIZE",
+                      "TORCH_FR_DUMP_TEMP_FILE": "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"}
         for key, value in flight_recorder_env(run_dir).items():
-            os.environ.setdefault(key, value)
+            if deprecated.get(key, key) not in os.environ:
+                os.environ.setdefault(key, value)
         if torch.cuda.is_available():
             (Path(run_dir) / "nccl_trace").mkdir(parents=True, exist_ok=True)
     launcher = detect_launcher()

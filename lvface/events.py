@@ -2,7 +2,7 @@
 
 Events (each with `t`, unix seconds, and `kind`; `lvface report` adds them up, lvface/report.py):
 - start: a training process began (`t` is the process's own start time, so imports count), with its
-  world size and the step it resumes from;
+  world size and the step and samples it resumes from (steps count global batches of this world size);
 - ready: start-up is over, the first step begins;
 - steps: at each log line, the steps since the last one: their wall time split into data_wait_s,
   skipped_s (whole skipped steps) and training_s (the rest), and their number;

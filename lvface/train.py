@@ -212,7 +212,8 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
     # metrics
     metrics = TrainMetrics(cfg.metrics.prometheus_port, info.rank, info.local_rank, info.device,
                            sync_cuda=cfg.metrics.prometheus_port > 0)
-    metrics.events = EventLog.started(cfg.train.output_dir, info.is_main, world_size=info.world_size, step=step)
+    metrics.events = EventLog.started(cfg.train.output_dir, info.is_main, world_size=info.world_size, step=step,
+                                      samples=samples_seen)
     stragglers = StragglerWatch(metrics, info.rank, info.world_size, info.group)
     parquet = ParquetLog(Path(cfg.train.output_dir) / "metrics.parquet", enabled=info.is_main,
                          keep_existing=bool(resume))

@@ -4,6 +4,7 @@ of 2 real gloo ranks is named a straggler."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -125,3 +126,20 @@ def test_watchdog_names_the_rank_behind_and_the_one_whose_watchdog_did_not_answe
     assert store.get(STALLED_KEY + "0").decode().split()[0] == "5"
     stacks = (tmp_path / "stacks" / "rank0.txt").read_text()
     assert "no step finished for 0.3 s; last step finished: 5" in stacks and "test_hangs.py" in stacks
+
+
+def test_flight_recorder_is_on_by_default_and_a_users_setting_wins(tmp_path):
+    """init_distributed in a fresh process of its own: the flight recorder's variables are set before the
+    process group exists, into the run folder; one the user set (under torch's deprecated name too) is kept."""
+    script = ("import json, os, sys\n"
+              "from lvface.distributed import init_distributed\n"
+              "info = init_distributed(30, sys.argv[1])\n"
+              "print(json.dumps({k: v for k, v in os.environ.items() if k.startswith('TORCH_')}))\n")
+    env = run_env(TORCH_NCCL_TRACE_BUFFER_SIZE="5")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1" and seen["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert seen["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "run" / "nccl_trace" / "rank")
+    assert seen["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "5" and "TORCH_FR_BUFFER_SIZE" not in seen
