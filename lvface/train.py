@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
         return train(cfg, args, info, stop)
     except (dist.DistBackendError, RuntimeError) as exc:
         lost_peer = isinstance(exc, dist.DistBackendError) or any(
-            text in str(exc) for text in ("Timed out", "timed out", "Connection closed by peer"))
+            text in str(exc) for text in ("Timed out", "timed out", "Connection closed by peer",
+                                          "Connection reset by peer"))
         if isinstance(exc, (CheckpointSaveError, NonFiniteTraining)) or not lost_peer:
             raise
         raise CollectiveFailed(f"a collective failed or waited longer than train.collective_timeout_s="
