@@ -77,7 +77,10 @@ class Heartbeat:
         self.read_error: str | None = None
         self._stop = threading.Event()
         self._thread = None
-        if store is not None and world_size > 1 and dump_after_s > 0:
+        if store is not None and world_size > 1:  # every key exists from here on: one multi_get reads them all
+            store.set(HEARTBEAT_KEY + str(rank), "-")
+            store.set(STALLED_KEY + str(rank), "-")
+        if store is not None and world_size > 1 and dump_after_s > 0 and self.run_dir is not None:
             self._thread = threading.Thread(target=self._watch, name="lvface-stall-watchdog", daemon=True)
             self._thread.start()
 
@@ -126,16 +129,22 @@ class Heartbeat:
                     reason, self.last_step, path)
         return path
 
-    def _get(self, key: str) -> str | None:
-        return self.store.get(key).decode() if self.store.check([key]) else None
+    def _values(self) -> list[str]:
+        """Every rank's heartbeat, then every rank's stall mark: one round trip to the store (two while a
+        rank has not set its keys yet), so that all ranks reading at once stay cheap on one server."""
+        keys = [prefix + str(rank) for prefix in (HEARTBEAT_KEY, STALLED_KEY) for rank in range(self.world_size)]
+        if self.store.check(keys):
+            return [value.decode() for value in self.store.multi_get(keys)]
+        return [self.store.get(key).decode() if self.store.check([key]) else "-" for key in keys]
 
     def _read(self) -> None:
         states = []
         try:
+            values = self._values()
             for rank in range(self.world_size):
-                beat, mark = self._get(HEARTBEAT_KEY + str(rank)), self._get(STALLED_KEY + str(rank))
-                step, when = (int(beat.split()[0]), float(beat.split()[1])) if beat else (None, None)
-                waiting = mark is not None and mark.split()[0] == str(step)
+                beat, mark = values[rank], values[self.world_size + rank]
+                step, when = (int(beat.split()[0]), float(beat.split()[1])) if beat != "-" else (None, None)
+                waiting = mark != "-" and mark.split()[0] == str(step)
                 states.append(RankState(rank, step, when, waiting))
         except Exception as exc:
             self.read_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"

@@ -98,8 +98,8 @@ def test_a_slow_rank_is_named_a_straggler_after_three_intervals():
 
 
 def test_watchdog_names_the_rank_behind_and_the_one_whose_watchdog_did_not_answer(tmp_path):
-    """Rank 0 of 3 on a real TCPStore: rank 1 is marked waiting by its own watchdog (written here as it
-    would), rank 2 is a step behind; rank 0's watchdog dumps its stacks and reads them."""
+    """Rank 0 of 4 on a real TCPStore: rank 1 is marked waiting by its own watchdog (written here as it
+    would), rank 2 is a step behind, rank 3 never started; rank 0's watchdog dumps its stacks and reads them."""
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -107,7 +107,7 @@ def test_watchdog_names_the_rank_behind_and_the_one_whose_watchdog_did_not_answe
     from lvface.watchdog import HEARTBEAT_KEY, STALLED_KEY, Heartbeat
 
     store = dist.TCPStore("127.0.0.1", free_port(), is_master=True, timeout=timedelta(seconds=10))
-    beat = Heartbeat(store, 0, 3, tmp_path, dump_after_s=0.3)
+    beat = Heartbeat(store, 0, 4, tmp_path, dump_after_s=0.3)  # rank 3 never set its keys
     try:
         now = time.time()
         store.set(HEARTBEAT_KEY + "1", f"5 {now}")
@@ -121,7 +121,8 @@ def test_watchdog_names_the_rank_behind_and_the_one_whose_watchdog_did_not_answe
         text = beat.describe()
     finally:
         beat.close()
-    assert re.search(r"Ranks that did not arrive: rank 2 \(last step finished: 4, \d+ s ago\); waiting: "
+    assert re.search(r"Ranks that did not arrive: rank 2 \(last step finished: 4, \d+ s ago\), rank 3 \(no step "
+                     r"finished\); waiting: "
                      r"rank 0 \(last step finished: 5, \d+ s ago\), rank 1 \(last step finished: 5", text), text
     assert store.get(STALLED_KEY + "0").decode().split()[0] == "5"
     stacks = (tmp_path / "stacks" / "rank0.txt").read_text()
