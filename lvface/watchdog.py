@@ -173,6 +173,10 @@ class Heartbeat:
                 return f"rank {s.rank} (no step finished)"
             return f"rank {s.rank} (last step finished: {s.step}, {now - s.time:.0f} s ago)"
 
+        if self.stalled_at is None:  # failed at once (a closed connection): the heartbeats say who is behind
+            text = " Last step each rank finished: " + ", ".join(map(where, states)) + "."
+            late = [f"rank {s.rank}" for s in behind]
+            return text + (f" Behind the others: {', '.join(late)}." if late else "")
         waiting = [s for s in states if s not in behind]
         text = " Ranks that did not arrive: " + (", ".join(map(where, behind)) or "none by their heartbeats")
         text += "; waiting: " + (", ".join(map(where, waiting)) or "none") + "."

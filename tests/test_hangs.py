@@ -125,6 +125,12 @@ def test_watchdog_names_the_rank_behind_and_the_one_whose_watchdog_did_not_answe
                      r"finished\); waiting: "
                      r"rank 0 \(last step finished: 5, \d+ s ago\), rank 1 \(last step finished: 5", text), text
     assert store.get(STALLED_KEY + "0").decode().split()[0] == "5"
+    # a collective that fails at once (a peer's connection closed) before any stall: the heartbeats alone
+    quick = Heartbeat(store, 1, 4, None, dump_after_s=0)
+    quick.beat(5)
+    assert re.fullmatch(r" Last step each rank finished: rank 0 \(last step finished: 5, \d+ s ago\), rank 1 "
+                        r"\(last step finished: 5, \d+ s ago\), rank 2 \(last step finished: 4, \d+ s ago\), "
+                        r"rank 3 \(no step finished\)\. Behind the others: rank 2, rank 3\.", quick.describe())
     stacks = (tmp_path / "stacks" / "rank0.txt").read_text()
     assert "no step finished for 0.3 s; last step finished: 5" in stacks and "test_hangs.py" in stacks
 
