@@ -110,6 +110,17 @@ def flight_recorder_env(run_dir: str | Path) -> dict[str, str]:
             "TORCH_FR_DUMP_TEMP_FILE": str(Path(run_dir) / "nccl_trace" / "rank")}
 
 
+def _enable_flight_recorder(run_dir: str | Path) -> None:
+    # torch 2.13's names; a user's setting under the deprecated names wins too
+    deprecated = {"TORCH_FR_BUFFER_SIZE": "TORCH_NCCL_TRACE_BUFFER_SIZE",
+                  "TORCH_FR_DUMP_TEMP_FILE": "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"}
+    for key, value in flight_recorder_env(run_dir).items():
+        if deprecated.get(key, key) not in os.environ:
+            os.environ.setdefault(key, value)
+    if torch.cuda.is_available():
+        (Path(run_dir) / "nccl_trace").mkdir(parents=True, exist_ok=True)
+
+
 def init_distributed(timeout_s: float = 600.0, run_dir: str | Path | None = None,
                      hang_dump_fraction: float = 0.5) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (which picks nccl on CUDA, gloo on the CPU).
@@ -127,14 +138,7 @@ def init_distributed(timeout_s: float = 600.0, run_dir: str | Path | None = None
 
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if run_dir is not None:
-        # torch 2.13's names; a user's setting under the deprecated names wins too
-        deprecated = {"TORCH_FR_BUFFER_SIZE": "TORCH_NCCL_TRACE_BUFFER_SIZE",
-                      "TORCH_FR_DUMP_TEMP_FILE": "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"}
-        for key, value in flight_recorder_env(run_dir).items():
-            if deprecated.get(key, key) not in os.environ:
-                os.environ.setdefault(key, value)
-        if torch.cuda.is_available():
-            (Path(run_dir) / "nccl_trace").mkdir(parents=True, exist_ok=True)
+        _enable_flight_recorder(run_dir)
     launcher = detect_launcher()
     _fill_env(launcher)
     if os.environ.get("LOCAL_RANK", "0") == "0":
