@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     log.info(header)
     for r in records:
         log.info(
-            f"{r['impl']:13} {r['dtype']:4} {r['embeddings']:4} {r['operand_dtype']:8} {r['batch']:>6} {r['classes']:>9} {r['dim']:>5} {r['sample_rate']:>5g} "
+            f"{r['impl']:13} {r['dtype']:4} {r['embeddings']:4} {r['operand_dtype']:8} {r['batch']:>6} {r['classes']:>9} "
+            f"{r['dim']:>5} {r['sample_rate']:>5g} "
             f"{r['ranks']:>5} {r['ms']:>9.1f} {r['tflops']:>8.3f} {r['peak_mb']:>8.0f} {r['floor_mb']:>8.0f} "
             f"{r['base_rss_mb']:>8.0f}"
         )

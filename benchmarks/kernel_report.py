@@ -111,11 +111,13 @@ def compile_one(launch: dict, arch: str) -> dict:
 
 
 def _table(rows) -> str:
-    head = "| kernel | dtype | variant | sampled | tiles (N x C x D), warps, stages | regs | spill B (st/ld) | smem B | blocks/SM | wgmma |"
+    head = ("| kernel | dtype | variant | sampled | tiles (N x C x D), warps, stages | regs | spill B (st/ld) | smem B "
+            "| blocks/SM | wgmma |")
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         t = r["tiles"]
-        tiles = f"{t.get('BLOCK_N', '-')} x {t.get('BLOCK_C', '-')} x {t.get('BLOCK_D', '-')}, {r['num_warps']}w, {r['num_stages']}s"
+        tiles = (f"{t.get('BLOCK_N', '-')} x {t.get('BLOCK_C', '-')} x {t.get('BLOCK_D', '-')}, "
+                 f"{r['num_warps']}w, {r['num_stages']}s")
         lines.append(f"| {r['kernel']} | {r['dtype']} | {r['variant']} | {r['sampled']} | {tiles} | {r['regs']} | "
                      f"{r['spill_stores']}/{r['spill_loads']} | {r['smem']} | {r['blocks_per_sm']} ({r['limit']}) | "
                      f"{'yes' if r['wgmma'] else 'no'} |")

@@ -13,9 +13,9 @@ import logging
 import sys
 
 
-# Modules that add subcommands (reshard; eval, embed; export; pack, inspect; plot; config show).
+# Modules that add subcommands (reshard; eval, embed; export; pack, inspect; plot; config show; report).
 COMMAND_MODULES: list[str] = ["lvface.checkpoint.manager", "lvface.eval.commands", "lvface.export", "lvface.data.pack",
-                              "lvface.plot", "lvface.config_help"]
+                              "lvface.plot", "lvface.config_help", "lvface.report"]
 
 
 def _synth(args: argparse.Namespace) -> int:

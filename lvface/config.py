@@ -281,6 +281,9 @@ class TrainConfig:
     """Folder for checkpoints, the resolved config and logs."""
     collective_timeout_s: float = 600.0
     """Longest wait for another rank in any collective (gloo and NCCL); past it every rank exits with an error."""
+    hang_dump_fraction: float = 0.5
+    """After this fraction of collective_timeout_s without a finished step every rank writes its Python stacks to
+    output_dir/stacks/ and reads the others' heartbeats (lvface/watchdog.py); 0 turns the watchdog off."""
     max_nonfinite_steps: int = 20
     """Consecutive skipped (non-finite loss or gradient) steps after which the run stops; 0 never stops."""
     batchnorm_sync: str = "average"
@@ -476,7 +479,9 @@ RANGES: dict[str, dict[str, Range]] = {
                  "min_lr_ratio": _FRACTION},
     "train": {"epochs": _POSITIVE, "max_steps": (lambda v: v >= 0, "zero (derive it from train.epochs) or more"),
               "grad_clip": (lambda v: v >= 0, "zero (no clipping) or more"), "gradient_accumulation_steps": _POSITIVE,
-              "log_every": _POSITIVE, "collective_timeout_s": _POSITIVE, "max_nonfinite_steps": _NON_NEGATIVE},
+              "log_every": _POSITIVE, "collective_timeout_s": _POSITIVE, "max_nonfinite_steps": _NON_NEGATIVE,
+              # the stacks are dumped before the collective timeout ends the run; 0 turns the watchdog off
+              "hang_dump_fraction": _OPEN_FRACTION},
     "eval": {"every_steps": _NON_NEGATIVE, "batch_size": _POSITIVE},
     "checkpoint": {"every_steps": _NON_NEGATIVE, "keep_last": _POSITIVE},
     "metrics": {"prometheus_port": (lambda v: 0 <= v <= 65535, "a TCP port, or 0 to disable the exporter")},

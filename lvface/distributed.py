@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lvface.watchdog import Heartbeat
+
 log = logging.getLogger(__name__)
 
 _REQUIRED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -42,6 +44,8 @@ class DistInfo:
     group: dist.ProcessGroup | None
     """The group of all ranks: data-parallel for the backbone, class-parallel for the head."""
     device: torch.device
+    heartbeat: Heartbeat | None = None
+    """Per-step heartbeats in the process group's store and the stall watchdog (lvface/watchdog.py)."""
 
     @property
     def is_main(self) -> bool:
@@ -101,17 +105,43 @@ def _fill_env(launcher: str) -> None:
         env.setdefault("MASTER_PORT", str(free_port()))
 
 
-def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+def flight_recorder_env(run_dir: str | Path) -> dict[str, str]:
+    """NCCL's flight recorder, on unless the user set it: the last collectives of every rank kept in a
+    ring buffer, dumped on a collective timeout to <run_dir>/nccl_trace/rank<k> (torch appends the rank;
+    read with `python -m torch.distributed.flight_recorder.fr_trace`). Gloo ignores these variables."""
+    return {"TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+            "TORCH_FR_DUMP_TEMP_FILE": str(Path(run_dir) / "nccl_trace" / "rank")}
+
+
+def _enable_flight_recorder(run_dir: str | Path) -> None:
+    # torch 2.13's names; a user's setting under the deprecated names wins too
+    deprecated = {"TORCH_FR_BUFFER_SIZE": "TORCH_NCCL_TRACE_BUFFER_SIZE",
+                  "TORCH_FR_DUMP_TEMP_FILE": "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"}
+    for key, value in flight_recorder_env(run_dir).items():
+        if deprecated.get(key, key) not in os.environ:
+            os.environ.setdefault(key, value)
+    if torch.cuda.is_available():
+        (Path(run_dir) / "nccl_trace").mkdir(parents=True, exist_ok=True)
+
+
+def init_distributed(timeout_s: float = 600.0, run_dir: str | Path | None = None,
+                     hang_dump_fraction: float = 0.5) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (which picks nccl on CUDA, gloo on the CPU).
 
     `timeout_s` (train.collective_timeout_s) bounds every collective of the default group and of the
     world group made here, on gloo and NCCL: a rank that stops (hung, SIGSTOPped, dead without its
     connections closing) makes the others fail with a timeout error instead of waiting forever. NCCL
     honours it only with asynchronous error handling, switched on here unless the user set it.
+
+    With a `run_dir`, every rank writes its stacks to <run_dir>/stacks/ when no step finishes for
+    `hang_dump_fraction` of the timeout, and heartbeats name the missing ranks (lvface/watchdog.py);
+    NCCL's flight recorder dumps into <run_dir>/nccl_trace/.
     """
     import deepspeed  # imported here: importing deepspeed probes the accelerator
 
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    if run_dir is not None:
+        _enable_flight_recorder(run_dir)
     launcher = detect_launcher()
     _fill_env(launcher)
     if os.environ.get("LOCAL_RANK", "0") == "0":
@@ -138,8 +168,9 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     remove_own_shm_buffer(rank)
     log.info("rank %d/%d (local %d) launched by %s on %s, backend %s, collective timeout %.0f s", rank, world_size,
              local_rank, launcher, device, dist.get_backend(group), timeout_s)
+    heartbeat = Heartbeat(c10d._get_default_store(), rank, world_size, run_dir, hang_dump_fraction * timeout_s)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, launcher=launcher, group=group,
-                    device=device)
+                    device=device, heartbeat=heartbeat)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -127,8 +127,13 @@ def zero_stage(ds: dict) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: set[str]) -> list[dict]:
-    """Two AdamW groups: decayed weights, and the parameters named in `no_decay` (norms, biases, ...)."""
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: set[str] | None = None) -> list[dict]:
+    """Two AdamW groups: decayed weights, and the parameters named in `no_decay` (default: the ViT's
+    norms, biases, pos_embed and mask_token, lvface.models.vit.no_weight_decay_names)."""
+    if no_decay is None:
+        from lvface.models.vit import no_weight_decay_names
+
+        no_decay = no_weight_decay_names(model)
     decay, plain = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:

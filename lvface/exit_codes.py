@@ -32,18 +32,21 @@ RUN_ERRORS = (CheckpointSaveError, NonFiniteTraining, CollectiveFailed)
 
 
 @contextmanager
-def collective_failures(timeout_s: float):
-    """Raise a lost peer (a failed or timed-out collective) in the block as CollectiveFailed."""
+def collective_failures(timeout_s: float, heartbeat=None):
+    """Raise a lost peer (a failed or timed-out collective) in the block as CollectiveFailed, naming the
+    ranks that did not arrive and the last step each reached (`heartbeat`: lvface.watchdog's, or None)."""
     try:
         yield
     except (dist.DistBackendError, RuntimeError) as exc:
         lost_peer = isinstance(exc, dist.DistBackendError) or any(
-            text in str(exc) for text in ("Timed out", "timed out", "Connection closed by peer"))
+            text in str(exc) for text in ("Timed out", "timed out", "Connection closed by peer",
+                                          "Connection reset by peer"))
         if isinstance(exc, RUN_ERRORS) or not lost_peer:
             raise
+        ranks = heartbeat.describe() if heartbeat is not None else ""
         raise CollectiveFailed(f"a collective failed or waited longer than train.collective_timeout_s="
                                f"{timeout_s:g} s: another rank is dead, stopped or hung "
-                               f"({str(exc).splitlines()[0][:300]})") from exc
+                               f"({str(exc).splitlines()[0][:300]}).{ranks}") from exc
 
 
 def exit_code(run: Callable[[], object]) -> int:

@@ -66,6 +66,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("bad_records", "counter", "Training records of this rank skipped because they failed to decode"),
     Metric("checkpoints", "counter", "Checkpoints written (this rank's part)"),
     Metric("preemption_saves", "counter", "Checkpoints written because the job was told to stop (SIGTERM/SIGUSR1)"),
+    Metric("goodput_seconds", "counter",
+           "Wall time of this process by what it went to (kind: training, data_wait, skipped_steps, checkpoint, "
+           "evaluation, restart = start-up to the first step); lvface report adds the time between processes",
+           extra_labels=("kind",)),
     # histograms
     Metric("step_seconds", "histogram", "Wall time of one optimizer step, all micro-batches included"),
     Metric("data_wait_seconds", "histogram", "Time a step waited for its batches from the loader", per_step=True),
@@ -79,6 +83,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("optimizer_seconds", "histogram",
            "Both optimizers' steps (ZeRO's parameter all-gather included) and the prototype update", per_step=True),
     Metric("checkpoint_save_seconds", "histogram", "Wall time of writing one checkpoint", buckets=_SAVE_BUCKETS),
+    Metric("evaluation_seconds", "histogram", "Wall time of one verification round during training",
+           buckets=_SAVE_BUCKETS),
     # gauges
     Metric("loss", "gauge", "Mean training loss over the steps since the last log line (all ranks)"),
     Metric("lr", "gauge", "Learning rate of the backbone (the head follows the same schedule)"),
@@ -89,7 +95,14 @@ METRICS: tuple[Metric, ...] = (
     Metric("memory_peak_bytes", "gauge",
            "Peak memory of this rank: torch.cuda.max_memory_allocated on a GPU, the peak RSS (VmHWM) on the CPU"),
     Metric("verification_accuracy", "gauge", "Last 10-fold verification accuracy of a set", extra_labels=("set",)),
+    Metric("straggler_rank", "gauge",
+           "Rank whose own step time (without waiting for the others) stayed above the others' for several log "
+           "intervals; -1 when none (lvface/watchdog.py)"),
+    Metric("straggler_ratio", "gauge", "Own step time of the slowest rank over the median of the others, last log interval"),
 )
+GOODPUT_KINDS = ("training", "data_wait", "skipped_steps", "checkpoint", "evaluation", "restart")
+"""What a process's wall time goes to (lvface_goodput_seconds_total's kind label; lvface report)."""
+_GOODPUT_OF_TIMER = {"checkpoint_save": ("checkpoint", "save"), "evaluation": ("evaluation", "eval")}
 _BY_NAME = {metric.name: metric for metric in METRICS}
 PHASES = tuple(metric.name[: -len("_seconds")] for metric in METRICS if metric.per_step)
 
@@ -179,6 +192,12 @@ class TrainMetrics:
         """Seconds of each phase and of the step, per step, for the last 1000 steps (benchmarks/bench_step.py)."""
         self.last_step_end = time.perf_counter()
         self._counter_totals: dict[str, float] = {}
+        self.events = None
+        """An lvface.events.EventLog (rank 0's; set by the trainer) for saves, evaluations and step windows."""
+        self.goodput = dict.fromkeys(GOODPUT_KINDS, 0.0)
+        """Seconds of this process by kind (lvface_goodput_seconds_total)."""
+        self.window = dict.fromkeys(("training", "data_wait", "skipped_steps"), 0.0) | {"steps": 0}
+        """The same for the steps since the last `record_window`."""
         self.port = port + local_rank if self.enabled else 0
         if not self.enabled:
             return
@@ -206,12 +225,18 @@ class TrainMetrics:
         way; any other histogram (checkpoint_save) is observed at once."""
         metric = _metric(name, "histogram")
         self._sync()
-        start = time.perf_counter()
+        start, wall_start = time.perf_counter(), time.time()
         try:
             yield
         finally:
             self._sync()
-            self._add(metric, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self._add(metric, seconds)
+            if name in _GOODPUT_OF_TIMER:
+                kind, event = _GOODPUT_OF_TIMER[name]
+                self.add_goodput(kind, seconds)
+                if self.events is not None:
+                    self.events.record(event, t=wall_start, seconds=round(seconds, 3))
 
     def _add(self, metric: Metric, seconds: float) -> None:
         name = metric.name[: -len("_seconds")]
@@ -238,9 +263,10 @@ class TrainMetrics:
             self.pending["head"] += split - start
             self.pending["backbone"] += end - split
 
-    def step_done(self) -> None:
+    def step_done(self, skipped: bool = False) -> None:
         """Close the step: observe its phases, its wall time since the last step_done, and the head's
-        collective time (read from the head's own clock); count the step."""
+        collective time (read from the head's own clock); count the step. A `skipped` step's whole time
+        is goodput kind skipped_steps."""
         from lvface.heads.sharded_softmax import take_collective_seconds
 
         now = time.perf_counter()
@@ -257,7 +283,45 @@ class TrainMetrics:
             for name, seconds in self.pending.items():
                 self.children[name + "_seconds"].observe(seconds)
             self.children["steps"].inc()
+        wait = self.pending["data_wait"]
+        for kind, seconds in ((("skipped_steps", step_seconds),) if skipped else
+                              (("data_wait", wait), ("training", step_seconds - wait))):
+            self.add_goodput(kind, seconds)
+            self.window[kind] += seconds
+        self.window["steps"] += 1
         self.pending = dict.fromkeys(PHASES, 0.0)
+
+    # ---- goodput (lvface/report.py adds up the event log)
+    def add_goodput(self, kind: str, seconds: float) -> None:
+        self.goodput[kind] += seconds
+        if self.enabled and seconds > 0:
+            self.collectors["goodput_seconds"].labels(kind=kind, **self.labels).inc(seconds)
+
+    def loop_started(self, step: int) -> None:
+        """Start-up is over: count it as goodput kind restart (less the saves and evaluations in it), log the
+        `ready` event, and start the first step's clock here."""
+        from lvface.events import process_start_time
+
+        start = process_start_time()
+        done = self.goodput["checkpoint"] + self.goodput["evaluation"]
+        self.add_goodput("restart", max(time.time() - start - done, 0.0))
+        if self.events is not None:
+            self.events.record("ready", step=step)
+        self.restart_step_clock()
+
+    def record_window(self, step: int) -> None:
+        """At a log line: the event log's `steps` record of the steps since the last one."""
+        if self.events is not None and self.window["steps"]:
+            self.events.record("steps", step=step, steps=self.window["steps"],
+                               **{f"{kind}_s": round(self.window[kind], 4) for kind in ("training", "data_wait",
+                                                                                         "skipped_steps")})
+        self.window = dict.fromkeys(self.window, 0.0) | {"steps": 0}
+
+    def run_ended(self, reason: str, step: int) -> None:
+        """The last window and the `stop` event (reason: done, preempted)."""
+        self.record_window(step)
+        if self.events is not None:
+            self.events.record("stop", reason=reason, step=step)
 
     def restart_step_clock(self) -> None:
         """Start the next step's wall clock now (after an evaluation or a checkpoint between steps)."""

@@ -60,7 +60,10 @@ class RunFolder:
     def preempted(self) -> Path:
         return self.path / PREEMPTED_NAME
 
-    def write_config(self, yaml_text: str) -> None:
+    def write_config(self, yaml_text: str, is_main: bool = True) -> None:
+        """The resolved config, written once (by rank 0: `is_main`)."""
+        if not is_main:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.config, yaml_text)
 

@@ -1,11 +1,7 @@
-"""Train LVFace.
+"""Train LVFace. Anything after the flags is a dotted config override (`train.epochs=3`, `--data.batch_size 64`).
 
     deepspeed --hostfile hosts lvface/train.py --ds_config configs/zero2.json --config configs/lvface_vit_l_wf42m.yaml
-    deepspeed --num_gpus 2 lvface/train.py --ds_config configs/zero2.json --config configs/demo.yaml
-    torchrun --nproc_per_node 2 -m lvface.train --ds_config configs/zero2.json --config configs/demo.yaml
-    python -m lvface.train --config configs/demo.yaml train.epochs=1      # one process
-
-Anything after the flags is a dotted config override (`train.epochs=3` or `--data.batch_size 64`).
+    python -m lvface.train --config configs/demo.yaml train.epochs=1      # one process (launch/README.md: the rest)
 """
 
 from __future__ import annotations
@@ -21,7 +17,6 @@ if __package__ in (None, ""):  # run as a file by the deepspeed launcher: make `
 import torch
 import torch.distributed as dist
 
-from lvface.checkpoint.files import load_backbone_into
 from lvface.checkpoint.manager import Checkpointer
 from lvface.checkpoint.state import TrainState
 from lvface.config import load_config
@@ -34,27 +29,22 @@ from lvface.exit_codes import collective_failures, exit_code
 from lvface.heads import ShardedMarginHead, build_head_optimizer, stage_for_epoch
 from lvface.metrics import TrainMetrics
 from lvface.models import build_backbone
-from lvface.models.vit import no_weight_decay_names
 from lvface.preemption import Preempted, StopRequest, watch_launcher
 from lvface.preflight import check_inputs
 from lvface.run_folder import RunFolder
 from lvface.run_lock import hold_output_folder
 from lvface.schedule import Schedule, set_schedule_position
-from lvface.tracking import Tracker, format_summary
 from lvface.train_log import TrainLog
 
 log = logging.getLogger("lvface.train")
 
-DEFAULT_DS_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "zero2.json"
-
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Every config key with its default and help text, and the config a run "
-                                            "would resolve to: lvface config show [--config FILE] [section.key=value ...]")
+                                     epilog="Every config key and its help: lvface config show [--config F] [key=value ...]")
     parser.add_argument("--config", help="lvface YAML config (defaults apply where it is silent)")
-    parser.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default=str(DEFAULT_DS_CONFIG),
-                        help="DeepSpeed JSON config; its \"auto\" fields are filled from the lvface config")
+    parser.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", help="DeepSpeed JSON config; its "
+                        "\"auto\" fields come from lvface's", default=str(Path(__file__).parents[1] / "configs/zero2.json"))
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher; unused")
     return parser.parse_known_args(argv)
 
@@ -66,12 +56,12 @@ def main(argv: list[str] | None = None) -> dict:
     # stop signals (preemption) are recorded from here on; a dead launcher counts as one
     stop = StopRequest().install()
     watch_launcher()
-    info = init_distributed(cfg.train.collective_timeout_s)
+    info = init_distributed(cfg.train.collective_timeout_s, cfg.train.output_dir, cfg.train.hang_dump_fraction)
     setup_logging(info.rank)
     log.debug("resolved config:\n%s", cfg.to_yaml())  # config.yaml in the output folder holds it too
     run = RunFolder(cfg.train.output_dir)
     with hold_output_folder(run.path, info.rank, info.world_size, info.group), \
-            collective_failures(cfg.train.collective_timeout_s):  # one run at a time in the folder
+            collective_failures(cfg.train.collective_timeout_s, info.heartbeat):  # one run at a time in the folder
         if info.is_main:
             run.clear_preempted()
         return Trainer(cfg, args.ds_config, info, stop, run).train()
@@ -98,41 +88,35 @@ class Trainer:
         self.schedule = Schedule.build(cfg, self.loader, info.world_size, saved.reference_global_batch if saved else 0)
         # model, inside the DeepSpeed engine
         backbone = build_backbone(cfg.model)
-        if cfg.checkpoint.init_backbone:
-            log.info("backbone initialised from %s", load_backbone_into(backbone, cfg.checkpoint.init_backbone))
-        self.engine = build_engine(backbone, ds_config, param_groups(backbone, cfg.optimizer.weight_decay,
-                                   no_weight_decay_names(backbone)), self.schedule.lr_lambda(cfg))
+        self.checkpointer.init_backbone(backbone)  # checkpoint.init_backbone: fine-tuning from published weights
+        self.engine = build_engine(backbone, ds_config, param_groups(backbone, cfg.optimizer.weight_decay),
+                                   self.schedule.lr_lambda(cfg))
         # head + its optimizer, outside the engine
         self.head = ShardedMarginHead(self.loader.num_classes, cfg.model.num_features, cfg.loss, group=info.group,
                                       seed=cfg.train.seed).to(info.device)
-        self.head_optimizer = build_head_optimizer(self.head, cfg.optimizer, sparse_rows=cfg.optimizer.head_sparse_rows,
-                                                   impl=cfg.optimizer.head_impl)
+        self.head_optimizer = build_head_optimizer(self.head, cfg.optimizer)
         self.head_scheduler = torch.optim.lr_scheduler.LambdaLR(self.head_optimizer, self.schedule.lr_lambda(cfg))
         # the checkpoint's tensors and state, continued on this world size
         self.checkpointer.load(self.engine, self.head, self.head_optimizer)
-        self.state = saved or TrainState()
-        self.state.run_id, self.state.world_size = self.checkpointer.run_id, info.world_size
-        self.state.reference_global_batch = self.schedule.reference_batch
-        self.state.step = self.schedule.step_at(self.state.samples_seen)
+        self.state = (saved or TrainState()).continued(
+            run_id=self.checkpointer.run_id, world_size=info.world_size, reference_global_batch=self.schedule.reference_batch,
+            step=self.schedule.step_at(saved.samples_seen if saved else 0))
         self.set_lr()
-        # reports: logs, Parquet rows, verification
-        tracker = Tracker(cfg.metrics, run.path, enabled=info.is_main, run_id=self.state.run_id, config=cfg.to_dict(),
-                          start_step=self.state.step)
-        self.log = TrainLog(self.metrics, run.metrics, self.schedule, self.state.step, info, resumed=saved is not None,
-                            tracker=tracker)
+        # reports: logs, Parquet rows, TensorBoard, the event log, verification
+        self.log = TrainLog(cfg, self.metrics, run, self.schedule, self.state, info, resumed=saved is not None)
         self.verifier = VerificationCallback(cfg.eval.bins, cfg.eval.batch_size, rank=info.rank,
                                              world_size=info.world_size, group=info.group, device=info.device)
-        if info.is_main:
-            run.write_config(cfg.to_yaml())
+        run.write_config(cfg.to_yaml(), info.is_main)
 
-    def set_lr(self) -> None:
-        # DeepSpeed does not step its scheduler on a skipped step: the schedule follows the samples seen
-        set_schedule_position(self.engine.lr_scheduler, self.state.step)
-        set_schedule_position(self.head_scheduler, self.state.step)
+    def set_lr(self) -> None:  # the schedule follows the samples seen: DeepSpeed skips its own on a skipped step
+        for scheduler in (self.engine.lr_scheduler, self.head_scheduler):
+            set_schedule_position(scheduler, self.state.step)
 
     def evaluate(self) -> dict:
         sync_batchnorm_buffers(self.engine.module, self.info.group, self.cfg.train.batchnorm_sync)
-        return self.log.evaluation(self.state.step, self.verifier(self.engine.module, self.state.step))
+        with self.metrics.timer("evaluation"):
+            results = self.verifier(self.engine.module, self.state.step)
+        return self.log.evaluation(self.state.step, results)
 
     def save(self, force: bool = True) -> Path | None:
         """Checkpoint the state after the last step (forced, else at checkpoint.every_steps). Collective."""
@@ -151,6 +135,7 @@ class Trainer:
         self.nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps)
         self.batches = EpochBatches(self.loader, state.epoch, state.position)
         self.engine.train()
+        self.metrics.loop_started(state.step)
         while state.step < total:
             result = train_step(self.engine, self.head, self.head_optimizer, self.batches, group=self.info.group,
                                 accumulation=cfg.train.gradient_accumulation_steps,
@@ -167,20 +152,17 @@ class Trainer:
             self.metrics.restart_step_clock()  # an evaluation or a save is not part of the next step
         last_results = self.evaluate() if self.verifier else {}
         folder = self.save()
-        self.loader.close()
-        self.log.close()
-        summary = self.log.summary(steps=state.step, first_results=first_results, last_results=last_results,
+        self.close("done")
+        summary = self.log.summary(self.run, steps=state.step, first_results=first_results, last_results=last_results,
                                    checkpoint=folder, nonfinite_steps=self.nonfinite.total)
-        if self.info.is_main:
-            self.run.write_summary(summary)
-            log.info("%s", format_summary(summary, self.run.path))
         dist.barrier(group=self.info.group)
         return summary | {"step_phases": list(self.metrics.recent), "peak_memory_bytes": self.metrics.set_memory()}
 
     def advance(self, result) -> None:
         """The bookkeeping of one finished step: counters, learning rates, the head's stage."""
         self.state.step += 1
-        self.metrics.step_done()
+        self.info.heartbeat.beat(self.state.step)  # what a hang's error reports of this rank
+        self.metrics.step_done(skipped=result.skipped)
         self.state.samples_seen += self.schedule.images_per_step
         self.set_lr()
         self.log.step(result)
@@ -200,8 +182,13 @@ class Trainer:
         # for launchers that lose the exit code (torchrun): launch/k8s/pytorchjob.yaml; not after a Ctrl-C
         if self.info.is_main and self.stop.requeue:
             self.run.mark_preempted(folder)
-        self.loader.close()
+        self.close("preempted")
         raise Preempted(self.stop.signal_name, folder, self.stop.exit_code)
+
+    def close(self, reason: str) -> None:
+        self.loader.close()
+        self.log.close()
+        self.metrics.run_ended(reason, self.state.step)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -11,20 +11,30 @@ import torch.distributed as dist
 
 from lvface.distributed import DistInfo
 from lvface.metrics import ParquetLog, Throughput, TrainMetrics, format_duration
+from lvface.checkpoint.state import TrainState
+from lvface.events import EventLog
+from lvface.run_folder import RunFolder
 from lvface.schedule import Schedule
-from lvface.tracking import Tracker
+from lvface.tracking import Tracker, format_summary
+from lvface.watchdog import StragglerWatch
 
 log = logging.getLogger("lvface.train")  # its lines are part of the training log
 
 
 class TrainLog:
-    def __init__(self, metrics: TrainMetrics, parquet_path: Path, schedule: Schedule, start_step: int,
-                 info: DistInfo, resumed: bool, tracker: Tracker | None = None):
-        """`resumed`: the Parquet log continues the rows of `parquet_path` (rank 0 writes it). `tracker`:
-        TensorBoard / CSV / W&B (lvface/tracking.py), written beside the Parquet rows."""
-        self.metrics, self.tracker = metrics, tracker
-        self.parquet = ParquetLog(parquet_path, enabled=info.is_main, keep_existing=resumed)
-        self.throughput = Throughput(schedule.images_per_step, schedule.total_steps, start_step=start_step)
+    def __init__(self, cfg, metrics: TrainMetrics, run: RunFolder, schedule: Schedule, state: TrainState,
+                 info: DistInfo, resumed: bool):
+        """`resumed`: the Parquet log continues the rows of the run's metrics.parquet (rank 0 writes it).
+        Beside it: TensorBoard / CSV / W&B (lvface/tracking.py), the run's event log for `lvface report`
+        (lvface/events.py) and the straggler check at each report (lvface/watchdog.py)."""
+        self.metrics, self.is_main = metrics, info.is_main
+        self.parquet = ParquetLog(run.metrics, enabled=info.is_main, keep_existing=resumed)
+        self.throughput = Throughput(schedule.images_per_step, schedule.total_steps, start_step=state.step)
+        self.tracker = Tracker(cfg.metrics, run.path, enabled=info.is_main, run_id=state.run_id, config=cfg.to_dict(),
+                               start_step=state.step)
+        metrics.events = EventLog.started(run.path, info.is_main, world_size=info.world_size, step=state.step,
+                                          samples=state.samples_seen)
+        self.stragglers = StragglerWatch(metrics, info.rank, info.world_size, info.group)
         self.group, self.world_size = info.group, info.world_size
         self.loss_sum = torch.zeros((), device=info.device)
         self.loss_count = 0
@@ -56,28 +66,31 @@ class TrainLog:
         self.parquet.append(step=step, epoch=epoch, loss=mean_loss, lr=lr, images_per_s=images_per_s,
                             bad_records=bad_records, nonfinite_steps=nonfinite_steps)
         self.parquet.flush()  # readable while the run goes on (lvface plot, report), not only at checkpoints
-        if self.tracker is not None:
-            self.tracker.log(step, **{"train/loss": mean_loss, "train/lr": lr, "train/stage": stage_index,
-                                      "train/epoch": epoch, "train/images_per_s": images_per_s,
-                                      "train/grad_norm": grad_norm, "train/skipped_steps": nonfinite_steps,
-                                      "train/bad_records": bad_records})
+        self.stragglers.check(step)
+        self.metrics.record_window(step)
+        self.tracker.log(step, **{"train/loss": mean_loss, "train/lr": lr, "train/stage": stage_index,
+                                  "train/epoch": epoch, "train/images_per_s": images_per_s, "train/grad_norm": grad_norm,
+                                  "train/skipped_steps": nonfinite_steps, "train/bad_records": bad_records})
 
     def evaluation(self, step: int, results: dict[str, dict]) -> dict[str, dict]:
         for name, result in results.items():
             self.metrics.verification(name, result["accuracy"])
             self.parquet.append(step=step, **{f"{name}_accuracy": float(result["accuracy"])})
-        if self.tracker is not None:
-            self.tracker.log_verification(step, results)
+        self.tracker.log_verification(step, results)
         return results
 
     def close(self) -> None:
-        if self.tracker is not None:
-            self.tracker.close()
+        self.tracker.close()
 
-    def summary(self, *, steps: int, first_results: dict, last_results: dict, checkpoint: Path,
+    def summary(self, run: RunFolder, *, steps: int, first_results: dict, last_results: dict, checkpoint: Path,
                 nonfinite_steps: int) -> dict:
-        return {"steps": steps, "first_loss": self.first_loss, "last_loss": self.last_loss,
-                "timing": self.metrics.summary(),
-                "first_accuracy": {k: float(v["accuracy"]) for k, v in first_results.items()},
-                "last_accuracy": {k: float(v["accuracy"]) for k, v in last_results.items()},
-                "checkpoint": str(checkpoint), "nonfinite_steps": nonfinite_steps}
+        """The run's summary: summary.json and an aligned block in the log (rank 0), and the return value."""
+        summary = {"steps": steps, "first_loss": self.first_loss, "last_loss": self.last_loss,
+                   "timing": self.metrics.summary(),
+                   "first_accuracy": {k: float(v["accuracy"]) for k, v in first_results.items()},
+                   "last_accuracy": {k: float(v["accuracy"]) for k, v in last_results.items()},
+                   "checkpoint": str(checkpoint), "nonfinite_steps": nonfinite_steps}
+        if self.is_main:
+            run.write_summary(summary)
+            log.info("%s", format_summary(summary, run.path))
+        return summary

@@ -298,7 +298,8 @@ def test_world_size_change_and_disk_full(data, straight, tmp_path):
     source = read_latest(source_root)
     samples = json.loads((source_root / source / "train_state.json").read_text())["samples_seen"]
     assert samples == MAX_STEPS * 32
-    for stale in (source_root / "universal" / source / "zero", source_root / "universal" / f"{source}-0123456789abcdef" / source / "zero"):
+    universal = source_root / "universal"
+    for stale in (universal / source / "zero", universal / f"{source}-0123456789abcdef" / source / "zero"):
         stale.mkdir(parents=True)  # an earlier run's conversion: must not be reused
     out = tmp_path / "small"
     _tmpfs(out, "60m")  # room for one 1-rank checkpoint (37 MB), not two

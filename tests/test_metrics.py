@@ -145,7 +145,7 @@ def test_a_real_two_rank_run_is_scraped_while_it_trains():
             if family.type == "histogram":
                 assert family.name.endswith("_seconds"), family.name
             for sample in family.samples:
-                assert set(sample.labels) <= {"rank", "local_rank", "le", "set"}, sample
+                assert set(sample.labels) <= {"rank", "local_rank", "le", "set", "kind"}, sample
     final = _parse(run.scrapes[0][-1])
     assert _value(final, "lvface_checkpoint_save_seconds_count") >= 1
     assert _value(final, "lvface_verification_accuracy", set="val") > 0

@@ -65,7 +65,8 @@ def save_head_shard(path_dir, head, opt, extra: dict | None = None, barrier: boo
 
     Collective over head.group unless `barrier=False` (a caller that agrees on errors itself): ends
     with a barrier, so when it returns on any rank every shard of the checkpoint is complete. `extra`
-    is stored as given (plain Python data and tensors); it is meant to be the same on every rank, and load_head_shards returns rank 0's.
+    is stored as given (plain Python data and tensors); it is meant to be the same on every rank, and
+    load_head_shards returns rank 0's.
     """
     directory = Path(path_dir)
     directory.mkdir(parents=True, exist_ok=True)

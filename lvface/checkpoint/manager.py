@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lvface.checkpoint.files import BACKBONE_FILE, CONFIG_FILE, LATEST, TRAIN_STATE_FILE, read_latest
+from lvface.checkpoint.files import BACKBONE_FILE, CONFIG_FILE, LATEST, TRAIN_STATE_FILE, load_backbone_into, read_latest
 from lvface.checkpoint.head import load_head_shards, save_head_shard
 from lvface.checkpoint.manifest import (MANIFEST, CheckpointCorrupt, check_files, checkpoint_files, describe_files,
                                         manifest_digest, manifest_text, read_manifest)
@@ -468,6 +468,12 @@ class Checkpointer:
             log.info("resuming a %d-rank checkpoint on %d ranks: the head is re-split, the step counter "
                      "continues from the samples seen", saved.world_size, self.world_size)
         return saved
+
+    def init_backbone(self, backbone: torch.nn.Module) -> None:
+        """Start the backbone from published weights (checkpoint.init_backbone: any form lvface.checkpoint.files
+        reads, .safetensors included); a resume's weights replace them in `load()`."""
+        if self.cfg.init_backbone:
+            log.info("backbone initialised from %s", load_backbone_into(backbone, self.cfg.init_backbone))
 
     def load(self, engine, head, head_optimizer) -> None:
         """Restore the checkpoint `resume()` chose into the built engine, head and head optimizer (nothing

@@ -23,6 +23,12 @@ class TrainState:
     """Samples per step of the run's first start (lvface/schedule.py); 0 in checkpoints that predate it."""
     run_id: str = ""
 
+    def continued(self, *, run_id: str, world_size: int, reference_global_batch: int, step: int) -> "TrainState":
+        """This state (a resumed one, or a fresh one) as the run goes on here: on this world size, whose
+        step counter follows from the samples seen."""
+        self.run_id, self.world_size, self.reference_global_batch, self.step = run_id, world_size, reference_global_batch, step
+        return self
+
     def state_dict(self) -> dict:
         """The train_state.json keys."""
         return dataclasses.asdict(self)

@@ -164,8 +164,8 @@ class DaliTrainLoader(TrainLoader):
                 sigma = source("blur_sigma", types.FLOAT, 0)
                 if source("blurred", types.BOOL, 0):
                     images = fn.gaussian_blur(images, sigma=sigma)
-            return fn.crop_mirror_normalize(images, mirror=source("flip", types.INT32, 0), mean=[PIXEL_MEAN] * 3, std=[PIXEL_STD] * 3,
-                                            dtype=types.FLOAT, output_layout="CHW")
+            return fn.crop_mirror_normalize(images, mirror=source("flip", types.INT32, 0), mean=[PIXEL_MEAN] * 3,
+                                            std=[PIXEL_STD] * 3, dtype=types.FLOAT, output_layout="CHW")
 
         pipe = graph(batch_size=self.order.batch_size, num_threads=self.threads, device_id=self.device_id,
                      prefetch_queue_depth=1, seed=self.seed & 0x7FFFFFFF, exec_dynamic=True)

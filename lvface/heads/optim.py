@@ -166,12 +166,14 @@ def _apex_fused_adam(weight: torch.Tensor, state: dict, sparse_rows: bool):
     return fused
 
 
-def build_head_optimizer(head, opt_cfg, *, sparse_rows: bool = True, impl: str = "torch") -> HeadAdamW:
+def build_head_optimizer(head, opt_cfg, *, sparse_rows: bool | None = None, impl: str | None = None) -> HeadAdamW:
     """AdamW over head.weight from an OptimizerConfig: head_lr / head_weight_decay, else lr / weight_decay.
 
-    sparse_rows: update only the rows sampled since the last step (see the module docstring); False
-    updates every row every step.
+    sparse_rows (default optimizer.head_sparse_rows): update only the rows sampled since the last step
+    (see the module docstring); False updates every row every step. impl: default optimizer.head_impl.
     """
+    sparse_rows = opt_cfg.head_sparse_rows if sparse_rows is None else sparse_rows
+    impl = opt_cfg.head_impl if impl is None else impl
     lr = opt_cfg.head_lr if opt_cfg.head_lr is not None else opt_cfg.lr
     decay = opt_cfg.head_weight_decay if opt_cfg.head_weight_decay is not None else opt_cfg.weight_decay
     betas = tuple(opt_cfg.betas)

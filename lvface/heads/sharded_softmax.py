@@ -279,7 +279,8 @@ class _MarginCrossEntropy(torch.autograd.Function):
         x_dtype, centers_dtype = ctx.grad_dtypes
         need_x, need_centers = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = x_hat.new_empty(x_hat.shape, dtype=x_dtype) if need_x and x_dtype != x_hat.dtype else None
-        grad_centers = centers.new_empty(centers.shape, dtype=centers_dtype) if need_centers and centers_dtype != centers.dtype else None
+        grad_centers = (centers.new_empty(centers.shape, dtype=centers_dtype)
+                        if need_centers and centers_dtype != centers.dtype else None)
         grad_x, grad_centers = ctx.backend.backward(
             x_hat, centers, local_targets, rows, target_logit, margin.target_slope(target_cos), lse, coef,
             margin.scale, need_x=need_x, need_centers=need_centers, grad_x=grad_x, grad_centers=grad_centers,
