@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -51,6 +53,19 @@ _ROOT = Path(tempfile.mkdtemp(prefix="lvface_tiny_"))
 
 
 @functools.lru_cache(maxsize=None)
+def wait_for_log(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Return once `log` matches the regular expression `pattern`; fail with the log's tail if `proc`
+    exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if re.search(pattern, log.read_text()):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"exited ({proc.returncode}) before {pattern!r}:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"{pattern!r} not seen in {timeout} s:\n{log.read_text()[-4000:]}")
+
+
 def tiny_data() -> Path:
     from lvface.data.synthetic import write_synthetic_dataset
 

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import re
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ import pytest
 import torch
 
 from dist_utils import run_on_ranks
-from run_utils import run_env as _env
+from run_utils import run_env as _env, wait_for_log
 from lvface.checkpoint.files import TRAIN_STATE_FILE, read_latest
 from lvface.distributed import free_port
 from lvface.run_folder import RunFolder
@@ -54,14 +55,7 @@ def _single(data: Path, out: Path, *extra: str, timeout: float = 300) -> subproc
 
 
 def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in log.read_text():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"exited ({proc.returncode}) before {text!r}:\n{log.read_text()[-4000:]}")
-        time.sleep(0.2)
-    raise AssertionError(f"{text!r} not seen in {timeout} s:\n{log.read_text()[-4000:]}")
+    wait_for_log(log, re.escape(text), proc, timeout)
 
 
 def _ranks(proc: subprocess.Popen) -> dict[int, psutil.Process]:

@@ -10,23 +10,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 
 from dist_utils import run_on_ranks
-from run_utils import REPO, free_port, run_env, tiny_data, tiny_overrides
+from run_utils import REPO, free_port, run_env, tiny_data, tiny_overrides, wait_for_log
 
 
-def _wait_for(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if re.search(pattern, log.read_text()):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"exited ({proc.returncode}) before {pattern!r}:\n{log.read_text()[-4000:]}")
-        time.sleep(0.2)
-    raise AssertionError(f"{pattern!r} not seen in {timeout} s:\n{log.read_text()[-4000:]}")
+_wait_for = wait_for_log
 
 
 def _workers(agent: subprocess.Popen) -> dict[int, psutil.Process]:

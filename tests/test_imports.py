@@ -105,7 +105,7 @@ def test_graph_sees_the_package():
     assert {"lvface.config", "lvface.train", "lvface.data.loader", "lvface.kernels"} <= set(graph)
     assert "lvface.config" in graph["lvface.data.augment"]
     assert {"lvface.heads", "lvface.heads.margin"} <= graph["lvface.config"]  # imports inside functions count
-    assert {"lvface.checkpoint", "lvface.checkpoint.files"} <= graph["lvface.train"]
+    assert {"lvface.checkpoint", "lvface.checkpoint.manager"} <= graph["lvface.train"]
 
 
 def test_detects_a_circle():

@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from run_utils import run_env
+from run_utils import run_env, wait_for_log
 from lvface.distributed import free_port
 from lvface.preemption import EXIT_INTERRUPTED
 
@@ -47,14 +47,7 @@ def _start(cmd: list[str], log: Path) -> subprocess.Popen:
 
 
 def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in log.read_text():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"exited ({proc.returncode}) before {text!r}:\n{log.read_text()[-4000:]}")
-        time.sleep(0.1)
-    raise AssertionError(f"{text!r} not seen in {timeout} s:\n{log.read_text()[-4000:]}")
+    wait_for_log(log, re.escape(text), proc, timeout)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 240) -> int:
