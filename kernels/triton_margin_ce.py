@@ -87,9 +87,16 @@ def _logits_tile(
 ):
     """z [BLOCK_N, BLOCK_C] fp32 of one tile, masked columns at -inf; and the tile's 1 / |w| [BLOCK_C]."""
     wf = w.to(tl.float32)
-    norm = tl.sqrt(tl.sum(wf * wf, axis=1))
-    inv_norm = 1.0 / tl.maximum(norm, EPS)
     dot = _dot(x, tl.trans(w.to(x.dtype)), INPUT_PRECISION, UPCAST)
+    return _scaled_logits(dot, tl.sum(wf * wf, axis=1), offs_c, mask_c, tgt, tlogit, scale, EPS)
+
+
+@triton.jit
+def _scaled_logits(dot, sq, offs_c, mask_c, tgt, tlogit, scale, EPS: tl.constexpr):
+    """x . w [BLOCK_N, BLOCK_C] and |w|^2 [BLOCK_C] -> (z at scale with the margin's target logit, masked
+    columns at -inf; is_target; 1 / |w|; |w|): the one tail of both ways of forming a tile."""
+    norm = tl.sqrt(sq)
+    inv_norm = 1.0 / tl.maximum(norm, EPS)
     z = dot * (inv_norm * scale)[None, :]
     is_target = offs_c[None, :] == tgt[:, None]
     z = tl.where(is_target, tlogit[:, None], z)
@@ -119,13 +126,7 @@ def _logits_k(
         wf = wk.to(tl.float32)
         sq += tl.sum(wf * wf, axis=1)
         dot += _dot(xk, tl.trans(wk.to(xk.dtype)), INPUT_PRECISION, UPCAST)
-    norm = tl.sqrt(sq)
-    inv_norm = 1.0 / tl.maximum(norm, EPS)
-    z = dot * (inv_norm * scale)[None, :]
-    is_target = offs_c[None, :] == tgt[:, None]
-    z = tl.where(is_target, tlogit[:, None], z)
-    z = tl.where(mask_c[None, :], z, -float("inf"))
-    return z, is_target, inv_norm, norm
+    return _scaled_logits(dot, sq, offs_c, mask_c, tgt, tlogit, scale, EPS)
 
 
 @triton.jit
