@@ -1,6 +1,6 @@
 """The "triton" backend of the margin cross entropy (interface: kernels/margin_ce.py).
 
-Imported only when asked for (build_backend in lvface/heads/sharded_softmax.py), so lvface imports
+Imported only when its row of kernels/registry.py builds it, so lvface imports
 without triton. Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the tests).
 
 Three kernels, nothing of size [N, C] in memory:

@@ -1,4 +1,4 @@
-"""Elastic restart (issue 18): two torchrun "nodes" on this machine (launch/elastic.sh, one rank each,
+"""Elastic restart: two torchrun "nodes" on this machine (launch/elastic.sh, one rank each,
 --nnodes 1:2); one node is lost (kill -9 of its agent and its worker, as when a machine dies), and the
 other node's agent restarts its worker, which resumes from `latest` on one rank and finishes the run."""
 

@@ -1,4 +1,4 @@
-"""Faults a multi-day run meets, tried with real processes on the demo config (issue 9).
+"""Faults a multi-day run meets, tried with real processes on the demo config.
 
 The launches share one tiny synthetic data set (40 identities x 8 images, 3 of them corrupt JPEGs that
 the default DALI loader has to skip) and are as short as the claim allows: a straight 2-rank run of 8

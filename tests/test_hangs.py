@@ -1,4 +1,4 @@
-"""Hangs that name their rank (issue 18): a SIGSTOPped rank of a real 2-rank torchrun run is named, with
+"""Hangs that name their rank: a SIGSTOPped rank of a real 2-rank torchrun run is named, with
 its last step, in the other rank's error, and the live rank's stacks are in the run folder; a slow rank
 of 2 real gloo ranks is named a straggler."""
 

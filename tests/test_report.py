@@ -1,4 +1,4 @@
-"""Goodput (issue 18): `lvface report` on a real run that was preempted (SIGTERM) and resumed splits the wall
+"""Goodput: `lvface report` on a real run that was preempted (SIGTERM) and resumed splits the wall
 time into training, checkpoint stalls, evaluation, restarts, skipped steps, data waits and the rest, and
 the parts add up to the wall time; every rank exports the same kinds as Prometheus counters."""
 
