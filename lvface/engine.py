@@ -245,18 +245,32 @@ def _forced_overflow(optimizer, force: bool):
             optimizer.check_grad_overflow = saved_flag
 
 
+def step_flags(loss_sum: torch.Tensor, head, stop_requested: bool) -> torch.Tensor:
+    """[non-finite, stop, bad labels, rows left out of a full Partial-FC sample] of this rank, on the device
+    without a host sync (the loss and the head's gradient checked there), for the step's one all-reduce."""
+    nonfinite = ~torch.isfinite(loss_sum)
+    grad = head.weight.grad
+    if grad is not None:
+        nonfinite = nonfinite | ~torch.isfinite(grad).all()
+    stop = torch.full((1,), float(stop_requested), device=loss_sum.device)
+    return torch.cat([nonfinite.to(stop.dtype).reshape(1), stop, head.take_step_flags().to(stop.device)])
+
+
 def train_step(engine, head, head_optimizer, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], *,
                accumulation: int, group, stop_requested: bool = False, metrics=None) -> StepResult:
     """One optimizer step of the backbone (DeepSpeed) and the head, taken together on every rank.
 
     `accumulation` micro-batches from `next_batch()` go forward and backward; at the accumulation
-    boundary one all-reduce (MAX over `group`) of two flags decides for every rank at once:
+    boundary one all-reduce (MAX over `group`) of four flags decides for every rank at once:
     - skip: a non-finite loss (any micro-batch) or head gradient on some rank. DeepSpeed's own
       overflow check is made to agree (it also sees the backbone's gradients, all-reduced by
       DeepSpeed over the same ranks), and whatever DeepSpeed decides, the head follows: on a skip
       neither W, its optimizer moments, the EPL prototypes nor the backbone's BatchNorm statistics
       change on any rank;
-    - stop: some rank received a stop signal (`stop_requested`, lvface/preemption.py).
+    - stop: some rank received a stop signal (`stop_requested`, lvface/preemption.py);
+    - bad labels (a label outside [0, C) after the head's first forward): the head's error on every rank;
+    - rows whose class a full Partial-FC sample left out (kernels/pfc_sample.py): logged.
+    Reading those flags is the step's one host sync in lvface's code (tests/test_host_syncs.py).
     The learning rates are the caller's (set per step from the samples seen). `metrics`
     (lvface.metrics.TrainMetrics) times the phases of the step when given.
     """
@@ -284,11 +298,16 @@ def train_step(engine, head, head_optimizer, next_batch: Callable[[], tuple[torc
     if not engine.is_gradient_accumulation_boundary():
         raise RuntimeError(f"train_step: DeepSpeed is not at a gradient-accumulation boundary after {accumulation} "
                            f"micro-batches; its gradient_accumulation_steps must equal train.gradient_accumulation_steps")
-    grad = head.weight.grad
-    local_nonfinite = not bool(torch.isfinite(loss_sum)) or (grad is not None and not bool(torch.isfinite(grad).all()))
-    flags = torch.tensor([float(local_nonfinite), float(stop_requested)], device=loss_sum.device)
+    flags = step_flags(loss_sum, head, stop_requested)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    skip, stop = bool(flags[0]), bool(flags[1])
+    nonfinite, stop, bad_labels, dropped = flags.tolist()  # the step's one host sync in lvface's code
+    if bad_labels:
+        head.raise_for_bad_labels()  # on every rank: the flags are the same everywhere
+    if dropped:
+        log.warning("Partial-FC: %d rows of the global batch (the most on one rank) had their class left out of a "
+                    "full sample this step; raise the stage's sample_rate so that int(sample_rate * classes per "
+                    "rank) >= the global batch", int(dropped))
+    skip, stop = bool(nonfinite), bool(stop)
     grad_scale = engine_loss_scale(engine)  # before engine.step(), which may change an fp16 loss scale
     with timer("optimizer"), _forced_overflow(engine.optimizer, skip):
         engine.step()
@@ -298,7 +317,7 @@ def train_step(engine, head, head_optimizer, next_batch: Callable[[], tuple[torc
     # The head follows DeepSpeed's decision, which includes the backbone's gradients.
     if applied:
         with timer("optimizer"):
-            head_optimizer.step(grad_scale=grad_scale)
+            head_optimizer.step(grad_scale=grad_scale, finite_checked=True)  # the flags checked its gradient
             head.update_prototypes()  # after backward: the chunked path recomputes from them in backward
     else:
         head.discard_update()
