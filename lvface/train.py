@@ -210,7 +210,7 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
     set_schedule_position(head_scheduler, step)
     # metrics
     metrics = TrainMetrics(cfg.metrics.prometheus_port, info.rank, info.local_rank, info.device,
-                           sync_cuda=cfg.metrics.prometheus_port > 0)
+                           device_timing=True)  # CUDA events, never a sync (on the CPU: wall clock)
     parquet = ParquetLog(Path(cfg.train.output_dir) / "metrics.parquet", enabled=info.is_main,
                          keep_existing=bool(resume))
     verifier = VerificationCallback(cfg.eval.bins, cfg.eval.batch_size, rank=info.rank, world_size=info.world_size,

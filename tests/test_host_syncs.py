@@ -89,3 +89,30 @@ def test_a_bad_label_after_the_first_forward_is_raised_from_the_step_flags():
     assert head.take_step_flags().tolist() == [1.0, 0.0]
     with pytest.raises(ValueError, match=r"label -3 \(rank 0\) is outside \[0, 40\)"):
         head.raise_for_bad_labels()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events need a GPU")
+def test_device_phase_timers_never_synchronize():
+    """TrainMetrics(device_timing=True) times the phases with CUDA events and reads them without waiting:
+    under torch's sync debug mode "error" any synchronising call in the timers would raise."""
+    from lvface.metrics import TrainMetrics
+
+    metrics = TrainMetrics(device=torch.device("cuda"), device_timing=True)
+    x = torch.randn(2048, 2048, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            with metrics.timer("backbone"):
+                y = x @ x
+            with metrics.timer("head"):
+                loss = (y @ y).sum()
+            with metrics.backward_timer(y):
+                loss.backward()
+            metrics.step_done()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    summary = metrics.summary()  # waits for the steps still in flight (outside the steps)
+    assert summary["steps"] == 3
+    assert summary["backbone_s"] > 0 and summary["head_s"] > 0
