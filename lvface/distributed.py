@@ -104,11 +104,13 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     `timeout_s` (train.collective_timeout_s) bounds every collective of the default group and of the
     world group made here, on gloo and NCCL: a rank that stops (hung, SIGSTOPped, dead without its
     connections closing) makes the others fail with a timeout error instead of waiting forever. NCCL
-    honours it only with asynchronous error handling, switched on here unless the user set it.
+    honours it only with asynchronous error handling, switched on here unless the user set it: mode 2
+    (CleanUpOnly) aborts the communicators and lets the error reach Python, where lvface/train.py prints
+    its one-line lost-peer message; mode 1 (TearDown) would kill the process from NCCL's watchdog first.
     """
     import deepspeed  # imported here: importing deepspeed probes the accelerator
 
-    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     launcher = detect_launcher()
     _fill_env(launcher)
     if os.environ.get("LOCAL_RANK", "0") == "0":

@@ -56,6 +56,42 @@ def resolve_precision(cfg: Config, ds: dict, device: torch.device) -> str:
     return precision
 
 
+def set_matmul_precision(tf32: bool, device: torch.device) -> None:
+    """train.tf32: TF32 tensor cores for fp32 matmuls and convolutions on CUDA (or full fp32); the CPU has none."""
+    if torch.device(device).type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    log.info("fp32 matmuls: %s (train.tf32=%s)", "TF32 tensor cores" if tf32 else "full fp32", str(tf32).lower())
+
+
+def fused_adam_prebuilt() -> bool:
+    """Whether this DeepSpeed install carries its FusedAdam op prebuilt (DS_BUILD_FUSED_ADAM=1, the Dockerfile);
+    otherwise DeepSpeed would compile it with nvcc at start (minutes per node, and nvcc must be there)."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        return False
+    return bool(installed_ops.get("fused_adam", False))
+
+
+def _choose_adam(params: dict, device: torch.device) -> None:
+    """The backbone's Adam implementation, in the DeepSpeed optimizer params (a choice made there is kept)."""
+    device_type = torch.device(device).type
+    if device_type == "cpu":
+        # DeepSpeed's CPU Adam op keeps beta^t by repeated multiplication inside the process but takes
+        # pow(beta, t) in a resumed one; in fp32 they differ (0.999^3 by one ulp), so a resume would
+        # not continue bit for bit. torch's AdamW derives the bias correction from the saved step
+        # count alone (and needs no JIT-compiled op). CUDA's FusedAdam takes pow every step: kept.
+        params.setdefault("torch_adam", True)
+    elif device_type == "cuda" and "torch_adam" not in params and not fused_adam_prebuilt():
+        params.update(torch_adam=True, fused=True)
+        log.info("DeepSpeed's FusedAdam is not prebuilt here (it would be JIT-compiled with nvcc at start): the "
+                 "backbone steps with torch.optim.AdamW(fused=True); set optimizer.params.torch_adam in the "
+                 "DeepSpeed config to choose yourself")
+
+
 def _fill(block: dict, key: str, value, where: str) -> None:
     current = block.get(key, "auto")
     if current == "auto":
@@ -98,12 +134,7 @@ def build_ds_config(ds_path: str | Path | dict, cfg: Config, world_size: int, de
         _fill(params, "weight_decay", float(cfg.optimizer.weight_decay), "optimizer.params")
         _fill(params, "betas", [float(b) for b in cfg.optimizer.betas], "optimizer.params")
         _fill(params, "eps", float(cfg.optimizer.eps), "optimizer.params")
-        if torch.device(device).type == "cpu":
-            # DeepSpeed's CPU Adam op keeps beta^t by repeated multiplication inside the process but takes
-            # pow(beta, t) in a resumed one; in fp32 they differ (0.999^3 by one ulp), so a resume would
-            # not continue bit for bit. torch's AdamW derives the bias correction from the saved step
-            # count alone (and needs no JIT-compiled op). CUDA's FusedAdam takes pow every step: kept.
-            params.setdefault("torch_adam", True)
+        _choose_adam(params, device)
         if "scheduler" in ds:
             raise ConfigError("DeepSpeed config has a 'scheduler' block; lvface's schedule section drives the "
                               "learning rate of both the backbone and the head: remove the block")

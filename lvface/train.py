@@ -32,7 +32,7 @@ from lvface.config import ConfigError, load_config
 from lvface.data.loader import build_train_loader
 from lvface.distributed import DistInfo, init_distributed, setup_logging
 from lvface.engine import (NonFiniteSteps, NonFiniteTraining, build_ds_config, build_engine, build_lr_lambda,
-                           param_groups, set_schedule_position, train_step, zero_stage)
+                           param_groups, set_matmul_precision, set_schedule_position, train_step, zero_stage)
 from lvface.eval.callback import VerificationCallback
 from lvface.files import atomic_write_json
 from lvface.heads import ShardedMarginHead, build_head_optimizer, stage_for_epoch
@@ -180,6 +180,7 @@ def train(cfg, args, info: DistInfo, stop: StopRequest) -> dict:
         log.info("backbone initialised from %s", load_backbone_into(backbone, cfg.checkpoint.init_backbone))
     # DeepSpeed engine (backbone only); a resume on another world size loads a universal checkpoint
     ds_config = build_ds_config(args.ds_config, cfg, info.world_size, info.device)
+    set_matmul_precision(cfg.train.tf32, info.device)
     engine_root = resume and ckpt.prepare_resume(*resume, world_size=info.world_size, rank=info.rank,
                                                  group=info.group, ds_config=ds_config)
     reference_lr = build_lr_lambda(cfg, reference_total, round(reference_steps_per_epoch))
