@@ -119,7 +119,7 @@ class SyncCounter(TorchDispatchMode):
                 "sites": dict(sorted(sites.items()))}
 
 
-def build_step(stage: str, accumulation: int, group, batch: int = 16):
+def build_step(stage: str, accumulation: int, group, batch: int = 16, grad_clip: float = 0.0):
     """(step, head, engine): one train_step of a tiny but real model, engine, head and head optimizer on `group`.
 
     batch 16 rows > the sample budget int(0.3 * 40) = 12: the sampler cannot skip its size check."""
@@ -130,7 +130,7 @@ def build_step(stage: str, accumulation: int, group, batch: int = 16):
     from lvface.models.vit import no_weight_decay_names
 
     classes = 40
-    cfg = from_dict({"data": {"batch_size": batch}, "train": {"grad_clip": 0.0, "precision": "fp32",
+    cfg = from_dict({"data": {"batch_size": batch}, "train": {"grad_clip": grad_clip, "precision": "fp32",
                                                               "gradient_accumulation_steps": accumulation},
                      "loss": {"stages": [STAGES[stage]]}})
     torch.manual_seed(0)
@@ -151,8 +151,8 @@ def build_step(stage: str, accumulation: int, group, batch: int = 16):
     return step, head, engine
 
 
-def count(stage: str, accumulation: int, group) -> dict:
-    step, _, _ = build_step(stage, accumulation, group)
+def count(stage: str, accumulation: int, group, grad_clip: float = 0.0) -> dict:
+    step, _, _ = build_step(stage, accumulation, group, grad_clip=grad_clip)
     step()  # warm-up: DeepSpeed's first step sets itself up
     counter = SyncCounter()
     with counter.patched():
@@ -175,15 +175,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the counts here")
     parser.add_argument("--sites", action="store_true", help="print every counted call site")
+    parser.add_argument("--grad-clip", type=float, default=0.0,
+                        help="train.grad_clip (DeepSpeed's gradient clipping adds its own syncs; lvface's count is the same)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     group = init_group()
     results = []
     for stage in STAGES:
         for accumulation in (1, 2):
-            result = {"stage": stage, "accumulation": accumulation, **count(stage, accumulation, group)}
+            result = {"stage": stage, "accumulation": accumulation, **count(stage, accumulation, group, args.grad_clip)}
             results.append(result)
-            print(f"{stage:6} K={accumulation}: lvface {result['lvface']:3d}  deepspeed {result['deepspeed']:3d}  "
+            print(f"{stage:6} K={accumulation} grad_clip={args.grad_clip:g}: lvface {result['lvface']:3d}  deepspeed {result['deepspeed']:3d}  "
                   f"other {result['other']:3d}", flush=True)
             if args.sites:
                 for site, n in result["sites"].items():

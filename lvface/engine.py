@@ -287,6 +287,22 @@ def step_flags(loss_sum: torch.Tensor, head, stop_requested: bool) -> torch.Tens
     return torch.cat([nonfinite.to(stop.dtype).reshape(1), stop, head.take_step_flags().to(stop.device)])
 
 
+def agree_on_flags(loss_sum: torch.Tensor, head, stop_requested: bool, group) -> tuple[bool, bool]:
+    """(skip, stop) for every rank: the step's flags all-reduced (MAX) and read once - the step's one
+    host sync in lvface's code. Bad labels raise the head's error on every rank; rows left out of a
+    full Partial-FC sample are logged."""
+    flags = step_flags(loss_sum, head, stop_requested)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    nonfinite, stop, bad_labels, dropped = flags.tolist()
+    if bad_labels:
+        head.raise_for_bad_labels()  # on every rank: the flags are the same everywhere
+    if dropped:
+        log.warning("Partial-FC: %d rows of the global batch (the most on one rank) had their class left out of a "
+                    "full sample this step; raise the stage's sample_rate so that int(sample_rate * classes per "
+                    "rank) >= the global batch", int(dropped))
+    return bool(nonfinite), bool(stop)
+
+
 def train_step(engine, head, head_optimizer, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], *,
                accumulation: int, group, stop_requested: bool = False, metrics=None) -> StepResult:
     """One optimizer step of the backbone (DeepSpeed) and the head, taken together on every rank.
@@ -299,9 +315,8 @@ def train_step(engine, head, head_optimizer, next_batch: Callable[[], tuple[torc
       neither W, its optimizer moments, the EPL prototypes nor the backbone's BatchNorm statistics
       change on any rank;
     - stop: some rank received a stop signal (`stop_requested`, lvface/preemption.py);
-    - bad labels (a label outside [0, C) after the head's first forward): the head's error on every rank;
-    - rows whose class a full Partial-FC sample left out (kernels/pfc_sample.py): logged.
-    Reading those flags is the step's one host sync in lvface's code (tests/test_host_syncs.py).
+    - bad labels, rows left out of a full Partial-FC sample: see `agree_on_flags`, whose read of the
+      flags is the step's one host sync in lvface's code (tests/test_host_syncs.py).
     The learning rates are the caller's (set per step from the samples seen). `metrics`
     (lvface.metrics.TrainMetrics) times the phases of the step when given.
     """
@@ -329,16 +344,7 @@ def train_step(engine, head, head_optimizer, next_batch: Callable[[], tuple[torc
     if not engine.is_gradient_accumulation_boundary():
         raise RuntimeError(f"train_step: DeepSpeed is not at a gradient-accumulation boundary after {accumulation} "
                            f"micro-batches; its gradient_accumulation_steps must equal train.gradient_accumulation_steps")
-    flags = step_flags(loss_sum, head, stop_requested)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    nonfinite, stop, bad_labels, dropped = flags.tolist()  # the step's one host sync in lvface's code
-    if bad_labels:
-        head.raise_for_bad_labels()  # on every rank: the flags are the same everywhere
-    if dropped:
-        log.warning("Partial-FC: %d rows of the global batch (the most on one rank) had their class left out of a "
-                    "full sample this step; raise the stage's sample_rate so that int(sample_rate * classes per "
-                    "rank) >= the global batch", int(dropped))
-    skip, stop = bool(nonfinite), bool(stop)
+    skip, stop = agree_on_flags(loss_sum, head, stop_requested, group)
     grad_scale = engine_loss_scale(engine)  # before engine.step(), which may change an fp16 loss scale
     with timer("optimizer"), _forced_overflow(engine.optimizer, skip):
         engine.step()

@@ -9,8 +9,9 @@ the group's W ranks in contiguous ranges, the first C mod W ranks holding one mo
     -> margin softmax over the sharded classes: local (max, sum-exp, target logit) -> all_reduce
     -> loss = mean_n (logsumexp_n - target logit_n), identical on every rank
 
-What crosses the wire per step: 4 numbers per rank first (batch size, label count and range, all_gathered
-so that bad input raises on every rank before a collective can hang), the embeddings and labels
+What crosses the wire per step: at the first forward (and when a rank's batch shape changes) 4 numbers
+per rank first (batch size, label count and range, all_gathered so that bad input raises on every rank
+before a collective can hang; later forwards check the labels on the device), the embeddings and labels
 (all_gather of N x D and N), one all-reduce MAX of N numbers and one all-reduce SUM of 2N numbers per
 cross-entropy term (W, and P in the stable stage), and in backward one reduce-scatter of N x D.
 Nothing proportional to the number of classes.
