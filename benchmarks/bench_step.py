@@ -108,7 +108,7 @@ def _rank_main(rank: int, args: argparse.Namespace, overrides: list[str], port: 
     argv = ["--config", args.config, "--ds_config", args.ds_config, *overrides,
             f"train.max_steps={args.warmup + args.steps}", "train.log_every=1000000", "eval.bins=[]",
             "eval.at_start=false", "checkpoint.every_steps=0", "checkpoint.resume=",
-            f"metrics.prometheus_port={metrics_port}",  # exporter on: on CUDA the phase timers then synchronise
+            f"metrics.prometheus_port={metrics_port}",  # exporter on, as in production (CUDA-event timers: no sync)
             f"train.output_dir={Path(out_dir) / 'run'}"]
     result = train.main(argv)
     phases = result["step_phases"][args.warmup:]

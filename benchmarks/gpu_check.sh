@@ -14,7 +14,11 @@
 #
 #   bash benchmarks/fetch_gpu_wheels.sh                    # here, once
 #   device run: bash benchmarks/gpu_check.sh   carry [".whl"]   timeout_s 540
-#   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh           # the plumbing on a CPU, tiny sizes (~1 min)
+#   bash benchmarks/gpu_check.sh --dry-run                 # the plumbing on a CPU, tiny sizes (~1 min;
+#                                                          # or GPU_CHECK_DRY=1)
+#
+# Every stage runs in its own process group, killed whole past its budget; the exit status is 1 when a
+# stage failed (benchmarks/gpu_check.py).
 #
 # Record the figures as benchmarks/results/gpu-check-<card>-<date>.md with the card's name (the env stage
 # of the JSON), and add its line to the index, benchmarks/RESULTS.md.
@@ -43,7 +47,8 @@ fi
 # the env stage of gpu_check.py records what imports (deepspeed, triton, apex, DALI) and stops early
 # with a clear error when deepspeed or triton does not
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-timeout 480 python3 benchmarks/gpu_check.py
+# SIGTERM at 480 s reaches gpu_check.py, which kills the running stage's process group before exiting
+timeout --kill-after=15 480 python3 benchmarks/gpu_check.py "$@"
 status=$?
 echo "[gpu_check] done (exit $status); results in $OUT/gpu_check.json"
 exit $status

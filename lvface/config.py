@@ -271,6 +271,9 @@ class TrainConfig:
     """Seed of parameters, data order and augmentation."""
     precision: str = "auto"
     """fp32, bf16, fp16, or auto (the DeepSpeed config's choice; bf16 on a GPU that has it, else fp32)."""
+    tf32: bool = True
+    """On CUDA, fp32 matmuls and convolutions run on TF32 tensor cores (10-bit mantissa products, fp32
+    accumulation); false keeps them in full fp32. No effect on the CPU."""
     grad_clip: float = 5.0
     """Gradient norm clipping of the backbone (DeepSpeed gradient_clipping); 0 disables."""
     gradient_accumulation_steps: int = 1

@@ -131,7 +131,9 @@ def init_distributed(timeout_s: float = 600.0, run_dir: str | Path | None = None
     `timeout_s` (train.collective_timeout_s) bounds every collective of the default group and of the
     world group made here, on gloo and NCCL: a rank that stops (hung, SIGSTOPped, dead without its
     connections closing) makes the others fail with a timeout error instead of waiting forever. NCCL
-    honours it only with asynchronous error handling, switched on here unless the user set it.
+    honours it only with asynchronous error handling, switched on here unless the user set it: mode 2
+    (CleanUpOnly) aborts the communicators and lets the error reach Python, where lvface prints its
+    one-line lost-peer message; mode 1 (TearDown) would kill the process from NCCL's watchdog first.
 
     With a `run_dir`, every rank writes its stacks to <run_dir>/stacks/ when no step finishes for
     `hang_dump_fraction` of the timeout, and heartbeats name the missing ranks (lvface/watchdog.py);
@@ -139,7 +141,7 @@ def init_distributed(timeout_s: float = 600.0, run_dir: str | Path | None = None
     """
     import deepspeed  # imported here: importing deepspeed probes the accelerator
 
-    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     if run_dir is not None:
         _enable_flight_recorder(run_dir)
     launcher = detect_launcher()

@@ -56,6 +56,42 @@ def resolve_precision(cfg: Config, ds: dict, device: torch.device) -> str:
     return precision
 
 
+def set_matmul_precision(tf32: bool, device: torch.device) -> None:
+    """train.tf32: TF32 tensor cores for fp32 matmuls and convolutions on CUDA (or full fp32); the CPU has none."""
+    if torch.device(device).type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    log.info("fp32 matmuls: %s (train.tf32=%s)", "TF32 tensor cores" if tf32 else "full fp32", str(tf32).lower())
+
+
+def fused_adam_prebuilt() -> bool:
+    """Whether this DeepSpeed install carries its FusedAdam op prebuilt (DS_BUILD_FUSED_ADAM=1, the Dockerfile);
+    otherwise DeepSpeed would compile it with nvcc at start (minutes per node, and nvcc must be there)."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        return False
+    return bool(installed_ops.get("fused_adam", False))
+
+
+def _choose_adam(params: dict, device: torch.device) -> None:
+    """The backbone's Adam implementation, in the DeepSpeed optimizer params (a choice made there is kept)."""
+    device_type = torch.device(device).type
+    if device_type == "cpu":
+        # DeepSpeed's CPU Adam op keeps beta^t by repeated multiplication inside the process but takes
+        # pow(beta, t) in a resumed one; in fp32 they differ (0.999^3 by one ulp), so a resume would
+        # not continue bit for bit. torch's AdamW derives the bias correction from the saved step
+        # count alone (and needs no JIT-compiled op). CUDA's FusedAdam takes pow every step: kept.
+        params.setdefault("torch_adam", True)
+    elif device_type == "cuda" and "torch_adam" not in params and not fused_adam_prebuilt():
+        params.update(torch_adam=True, fused=True)
+        log.info("DeepSpeed's FusedAdam is not prebuilt here (it would be JIT-compiled with nvcc at start): the "
+                 "backbone steps with torch.optim.AdamW(fused=True); set optimizer.params.torch_adam in the "
+                 "DeepSpeed config to choose yourself")
+
+
 def _fill(block: dict, key: str, value, where: str) -> None:
     current = block.get(key, "auto")
     if current == "auto":
@@ -98,12 +134,7 @@ def build_ds_config(ds_path: str | Path | dict, cfg: Config, world_size: int, de
         _fill(params, "weight_decay", float(cfg.optimizer.weight_decay), "optimizer.params")
         _fill(params, "betas", [float(b) for b in cfg.optimizer.betas], "optimizer.params")
         _fill(params, "eps", float(cfg.optimizer.eps), "optimizer.params")
-        if torch.device(device).type == "cpu":
-            # DeepSpeed's CPU Adam op keeps beta^t by repeated multiplication inside the process but takes
-            # pow(beta, t) in a resumed one; in fp32 they differ (0.999^3 by one ulp), so a resume would
-            # not continue bit for bit. torch's AdamW derives the bias correction from the saved step
-            # count alone (and needs no JIT-compiled op). CUDA's FusedAdam takes pow every step: kept.
-            params.setdefault("torch_adam", True)
+        _choose_adam(params, device)
         if "scheduler" in ds:
             raise ConfigError("DeepSpeed config has a 'scheduler' block; lvface's schedule section drives the "
                               "learning rate of both the backbone and the head: remove the block")
@@ -210,14 +241,31 @@ def _forced_overflow(optimizer, force: bool):
             optimizer.check_grad_overflow = saved_flag
 
 
-def _skip_and_stop(loss_sum: torch.Tensor, head_grad: torch.Tensor | None, stop_requested: bool,
-                   group) -> tuple[bool, bool]:
-    """(skip, stop) for every rank at once: one all-reduce (MAX) of this rank's two flags."""
-    local_nonfinite = not bool(torch.isfinite(loss_sum)) or (
-        head_grad is not None and not bool(torch.isfinite(head_grad).all()))
-    flags = torch.tensor([float(local_nonfinite), float(stop_requested)], device=loss_sum.device)
+def step_flags(loss_sum: torch.Tensor, head, stop_requested: bool) -> torch.Tensor:
+    """[non-finite, stop, bad labels, rows left out of a full Partial-FC sample] of this rank, on the device
+    without a host sync (the loss and the head's gradient checked there), for the step's one all-reduce."""
+    nonfinite = ~torch.isfinite(loss_sum)
+    grad = head.weight.grad
+    if grad is not None:
+        nonfinite = nonfinite | ~torch.isfinite(grad).all()
+    stop = torch.full((1,), float(stop_requested), device=loss_sum.device)
+    return torch.cat([nonfinite.to(stop.dtype).reshape(1), stop, head.take_step_flags().to(stop.device)])
+
+
+def agree_on_flags(loss_sum: torch.Tensor, head, stop_requested: bool, group) -> tuple[bool, bool]:
+    """(skip, stop) for every rank: the step's flags all-reduced (MAX) and read once - the step's one
+    host sync in lvface's code. Bad labels raise the head's error on every rank; rows left out of a
+    full Partial-FC sample are logged."""
+    flags = step_flags(loss_sum, head, stop_requested)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    return bool(flags[0]), bool(flags[1])
+    nonfinite, stop, bad_labels, dropped = flags.tolist()
+    if bad_labels:
+        head.raise_for_bad_labels()  # on every rank: the flags are the same everywhere
+    if dropped:
+        log.warning("Partial-FC: %d rows of the global batch (the most on one rank) had their class left out of a "
+                    "full sample this step; raise the stage's sample_rate so that int(sample_rate * classes per "
+                    "rank) >= the global batch", int(dropped))
+    return bool(nonfinite), bool(stop)
 
 
 def train_step(engine, head, head_optimizer, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], *,
@@ -225,13 +273,15 @@ def train_step(engine, head, head_optimizer, next_batch: Callable[[], tuple[torc
     """One optimizer step of the backbone (DeepSpeed) and the head, taken together on every rank.
 
     `accumulation` micro-batches from `next_batch()` go forward and backward; at the accumulation
-    boundary one all-reduce (MAX over `group`) of two flags decides for every rank at once:
+    boundary one all-reduce (MAX over `group`) of four flags decides for every rank at once:
     - skip: a non-finite loss (any micro-batch) or head gradient on some rank. DeepSpeed's own
       overflow check is made to agree (it also sees the backbone's gradients, all-reduced by
       DeepSpeed over the same ranks), and whatever DeepSpeed decides, the head follows: on a skip
       neither W, its optimizer moments, the EPL prototypes nor the backbone's BatchNorm statistics
       change on any rank;
-    - stop: some rank received a stop signal (`stop_requested`, lvface/preemption.py).
+    - stop: some rank received a stop signal (`stop_requested`, lvface/preemption.py);
+    - bad labels, rows left out of a full Partial-FC sample: see `agree_on_flags`, whose read of the
+      flags is the step's one host sync in lvface's code (tests/test_host_syncs.py).
     The learning rates are the caller's (set per step from the samples seen). `metrics`
     (lvface.metrics.TrainMetrics) times the phases of the step when given.
     """
@@ -259,7 +309,7 @@ def train_step(engine, head, head_optimizer, next_batch: Callable[[], tuple[torc
     if not engine.is_gradient_accumulation_boundary():
         raise RuntimeError(f"train_step: DeepSpeed is not at a gradient-accumulation boundary after {accumulation} "
                            f"micro-batches; its gradient_accumulation_steps must equal train.gradient_accumulation_steps")
-    skip, stop = _skip_and_stop(loss_sum, head.weight.grad, stop_requested, group)
+    skip, stop = agree_on_flags(loss_sum, head, stop_requested, group)
     grad_scale = engine_loss_scale(engine)  # before engine.step(), which may change an fp16 loss scale
     with timer("optimizer"), _forced_overflow(engine.optimizer, skip):
         engine.step()
@@ -269,7 +319,7 @@ def train_step(engine, head, head_optimizer, next_batch: Callable[[], tuple[torc
     # The head follows DeepSpeed's decision, which includes the backbone's gradients.
     if applied:
         with timer("optimizer"):
-            head_optimizer.step(grad_scale=grad_scale)
+            head_optimizer.step(grad_scale=grad_scale, finite_checked=True)  # the flags checked its gradient
             head.update_prototypes()  # after backward: the chunked path recomputes from them in backward
     else:
         head.discard_update()

@@ -172,19 +172,24 @@ class TrainMetrics:
     """The metrics of one rank: Prometheus collectors served on `port + local_rank` when port > 0, and
     in-process totals of the step phases (what benchmarks/bench_step.py reads) either way.
 
-    On CUDA, `sync_cuda=True` synchronises the device at the edges of every timed phase so that a phase's
-    time is its GPU work, not its launch; that removes some CPU/GPU overlap, so the trainer turns it on
-    only when the exporter is on.
+    On CUDA, `device_timing=True` times the device phases (backbone, head, optimizer) with CUDA events
+    recorded on the current stream at each phase's edges - a phase's time is its GPU work, not its
+    launch - and never synchronises: a finished step's events are read when the device has passed
+    them (Event.query, which does not wait), usually at the next step_done, so the exporter's figures
+    lag a step behind and the step itself keeps its CPU/GPU overlap. data_wait (the host waiting for
+    the loader) and the step's wall time stay wall-clock; on the CPU every phase is wall-clock.
     """
 
     def __init__(self, port: int = 0, rank: int = 0, local_rank: int = 0, device: torch.device | None = None,
-                 sync_cuda: bool = False):
+                 device_timing: bool = False):
         self.enabled = port > 0
         self.device = device or torch.device("cpu")
-        self.sync_cuda = sync_cuda and self.device.type == "cuda"
+        self.device_timing = device_timing and self.device.type == "cuda"
         self.labels = {"rank": str(rank), "local_rank": str(local_rank)}
         self.pending = dict.fromkeys(PHASES, 0.0)
-        """Seconds of each phase in the step under way."""
+        """Seconds of each phase in the step under way (the wall-clock phases; device phases as events)."""
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # (phase, start, end) this step
+        self._in_flight: collections.deque[tuple[dict, float, list]] = collections.deque()  # steps to read
         self.totals = dict.fromkeys(PHASES + ("step",), 0.0)
         """Seconds of each phase (and of whole steps) summed over all finished steps."""
         self.steps = 0
@@ -215,21 +220,27 @@ class TrainMetrics:
         log.info("Prometheus metrics on port %d", self.port)
 
     # ---- time
-    def _sync(self) -> None:
-        if self.sync_cuda:
-            torch.cuda.synchronize(self.device)
+    def _event(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     @contextlib.contextmanager
     def timer(self, name: str):
         """Time the block: a step phase (data_wait, backbone, head, optimizer) is added to the step under
         way; any other histogram (checkpoint_save) is observed at once."""
         metric = _metric(name, "histogram")
-        self._sync()
+        if self.device_timing and metric.per_step and name != "data_wait":
+            start_event = self._event()
+            try:
+                yield
+            finally:
+                self._events.append((name, start_event, self._event()))
+            return
         start, wall_start = time.perf_counter(), time.time()
         try:
             yield
         finally:
-            self._sync()
             seconds = time.perf_counter() - start
             self._add(metric, seconds)
             if name in _GOODPUT_OF_TIMER:
@@ -249,47 +260,67 @@ class TrainMetrics:
     def backward_timer(self, embeddings: torch.Tensor):
         """Time a backward pass through head and backbone, split where the gradient reaches `embeddings`
         (the backbone's output): before that is the head's backward, after it the backbone's."""
+        clock = self._event if self.device_timing else time.perf_counter
         boundary = []
-        handle = embeddings.register_hook(lambda grad: boundary.append(time.perf_counter()))
-        self._sync()
-        start = time.perf_counter()
+        handle = embeddings.register_hook(lambda grad: boundary.append(clock()))
+        start = clock()
         try:
             yield
         finally:
-            self._sync()
-            end = time.perf_counter()
+            end = clock()
             handle.remove()
             split = boundary[0] if boundary else end
-            self.pending["head"] += split - start
-            self.pending["backbone"] += end - split
+            if self.device_timing:
+                self._events += [("head", start, split), ("backbone", split, end)]
+            else:
+                self.pending["head"] += split - start
+                self.pending["backbone"] += end - split
 
     def step_done(self, skipped: bool = False) -> None:
         """Close the step: observe its phases, its wall time since the last step_done, and the head's
         collective time (read from the head's own clock); count the step. A `skipped` step's whole time
-        is goodput kind skipped_steps."""
+        is goodput kind skipped_steps. With device timing the phases are observed once the device has
+        passed their events (this call or a later one; `summary` waits)."""
         from lvface.heads.sharded_softmax import take_collective_seconds
 
         now = time.perf_counter()
         self.pending["head_collective"] += take_collective_seconds()
         step_seconds = now - self.last_step_end
         self.last_step_end = now
-        self.steps += 1
-        self.totals["step"] += step_seconds
-        for name, seconds in self.pending.items():
-            self.totals[name] += seconds
-        self.recent.append({"step": step_seconds, **self.pending})
-        if self.enabled:
-            self.children["step_seconds"].observe(step_seconds)
-            for name, seconds in self.pending.items():
-                self.children[name + "_seconds"].observe(seconds)
-            self.children["steps"].inc()
-        wait = self.pending["data_wait"]
+        wait = self.pending["data_wait"]  # wall clock, known now (the device phases may not be yet)
         for kind, seconds in ((("skipped_steps", step_seconds),) if skipped else
                               (("data_wait", wait), ("training", step_seconds - wait))):
             self.add_goodput(kind, seconds)
             self.window[kind] += seconds
         self.window["steps"] += 1
-        self.pending = dict.fromkeys(PHASES, 0.0)
+        self._in_flight.append((self.pending, step_seconds, self._events))
+        self.pending, self._events = dict.fromkeys(PHASES, 0.0), []
+        self._observe_finished(wait=False)
+
+    def _observe_finished(self, wait: bool) -> None:
+        """Observe the steps whose events the device has passed, in order (all of them when `wait`)."""
+        while self._in_flight:
+            pending, step_seconds, events = self._in_flight[0]
+            if events and not wait and not events[-1][2].query():
+                return  # the device is still on it: read at a later step_done
+            for name, start, end in events:
+                if wait:
+                    end.synchronize()
+                pending[name] += start.elapsed_time(end) / 1000.0
+            self._in_flight.popleft()
+            self._observe(pending, step_seconds)
+
+    def _observe(self, pending: dict, step_seconds: float) -> None:
+        self.steps += 1
+        self.totals["step"] += step_seconds
+        for name, seconds in pending.items():
+            self.totals[name] += seconds
+        self.recent.append({"step": step_seconds, **pending})
+        if self.enabled:
+            self.children["step_seconds"].observe(step_seconds)
+            for name, seconds in pending.items():
+                self.children[name + "_seconds"].observe(seconds)
+            self.children["steps"].inc()
 
     # ---- goodput (lvface/report.py adds up the event log)
     def add_goodput(self, kind: str, seconds: float) -> None:
@@ -361,7 +392,9 @@ class TrainMetrics:
             self.collectors["verification_accuracy"].labels(set=name, **self.labels).set(accuracy)
 
     def summary(self) -> dict:
-        """Mean seconds per step of the step time and of every phase over the finished steps."""
+        """Mean seconds per step of the step time and of every phase over the finished steps (waits for
+        the device to finish the steps still in flight: call it after training, not per step)."""
+        self._observe_finished(wait=True)
         steps = max(self.steps, 1)
         return {f"{name}_s": seconds / steps for name, seconds in self.totals.items()} | {"steps": self.steps}
 

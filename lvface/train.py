@@ -23,7 +23,7 @@ from lvface.config import load_config
 from lvface.data.epochs import EpochBatches
 from lvface.data.loader import build_train_loader
 from lvface.distributed import DistInfo, init_distributed, seed_everything, setup_logging, sync_batchnorm_buffers
-from lvface.engine import NonFiniteSteps, build_ds_config, build_engine, param_groups, train_step
+from lvface.engine import NonFiniteSteps, build_ds_config, build_engine, param_groups, set_matmul_precision, train_step
 from lvface.eval.callback import VerificationCallback
 from lvface.exit_codes import collective_failures, exit_code
 from lvface.heads import ShardedMarginHead, build_head_optimizer, stage_for_epoch
@@ -74,9 +74,10 @@ class Trainer:
         self.cfg, self.info, self.stop, self.run = cfg, info, stop, run
         # metrics first: the checkpointer times its saves
         self.metrics = TrainMetrics(cfg.metrics.prometheus_port, info.rank, info.local_rank, info.device,
-                                    sync_cuda=cfg.metrics.prometheus_port > 0)
+                                    device_timing=True)  # CUDA events, never a sync (on the CPU: wall clock)
         # checkpointer: which checkpoint to resume, chosen before the engine (another world size changes ds_config)
         ds_config = build_ds_config(ds_config_path, cfg, info.world_size, info.device)
+        set_matmul_precision(cfg.train.tf32, info.device)
         self.checkpointer = Checkpointer(run, cfg.checkpoint, ds_config=ds_config, config_yaml=cfg.to_yaml(),
                                          metrics=self.metrics, rank=info.rank, world_size=info.world_size,
                                          group=info.group)

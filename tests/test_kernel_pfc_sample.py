@@ -1,12 +1,12 @@
-"""Tests of the Partial-FC sampler (lvface/kernels/pfc_sample.py): device and host draws agree, are
-deterministic per seed, step and shard, and keep every positive class."""
+"""Tests of the Partial-FC sampler (lvface/kernels/pfc_sample.py): a fixed sample size (no host sync),
+the host draw's rows while the positives fit the budget, deterministic per seed, step and shard, and a
+random subset of the positives beyond the budget."""
 
 from __future__ import annotations
 
 import torch
 
 from lvface.kernels.pfc_sample import host_select_rows, sample_seed, select_rows
-
 
 
 def test_device_sampler_draws_the_host_samplers_rows():
@@ -17,16 +17,20 @@ def test_device_sampler_draws_the_host_samplers_rows():
             seed = sample_seed(9, step, 100)
             rows, targets = select_rows(labels, num_local, rate, seed)
             host_rows, host_targets = host_select_rows(labels, num_local, rate, seed)
-            assert (rows is None) == (host_rows is None)
+            assert rows is not None or host_rows is None  # the host sampler grows to all rows past the budget
             if rows is None:
                 assert torch.equal(targets, labels)
                 continue
-            assert torch.equal(rows, host_rows) and torch.equal(targets, host_targets)
             positives = labels[labels >= 0].unique()
-            assert rows.numel() == max(int(rate * num_local), positives.numel())
-            assert torch.equal(rows, rows.sort().values) and rows.unique().numel() == rows.numel()
             here = labels >= 0
-            assert torch.equal(rows[targets[here]], labels[here]), "remapped labels point at their class"
+            assert rows.numel() == int(rate * num_local), "a fixed sample size: no host sync"
+            assert torch.equal(rows, rows.sort().values) and rows.unique().numel() == rows.numel()
+            if positives.numel() <= rows.numel():  # the positives fit: the host sampler's rows exactly
+                assert torch.equal(rows, host_rows) and torch.equal(targets, host_targets)
+                assert torch.equal(rows[targets[here]], labels[here]), "remapped labels point at their class"
+            kept = here & (targets >= 0)
+            assert torch.equal(rows[targets[kept]], labels[kept]), "remapped labels point at their class"
+            assert set(labels[here & ~kept].tolist()).isdisjoint(rows.tolist()), "-1: the class is not sampled"
             assert torch.equal(targets[~here], labels[~here])
 
 
@@ -38,3 +42,9 @@ def test_sampler_is_deterministic_per_seed_step_and_shard():
     assert not torch.equal(draw(5, 0), draw(5, 64))
 
 
+def test_sampler_beyond_the_budget_keeps_its_size_and_a_random_subset_of_positives():
+    labels = torch.arange(20)  # 20 positives, budget int(0.1 * 40) = 4
+    rows, targets = select_rows(labels, 40, 0.1, 0)
+    assert rows.numel() == 4 and bool((rows < 20).all()), "positives first"
+    assert torch.equal(targets[rows], torch.arange(4)) and int((targets >= 0).sum()) == 4
+    assert not torch.equal(rows, select_rows(labels, 40, 0.1, 1)[0]), "the subset is drawn, not the lowest ids"

@@ -34,8 +34,10 @@ STAGES = {
     "early": StageConfig(name="early", sample_rate=1.0, centers="learned"),
     "early_sampled": StageConfig(name="early", sample_rate=0.5, centers="learned"),
     "stable": StageConfig(name="stable", sample_rate=1.0, centers="both", prototype_weight=0.5),
+    # 0.5: int(0.5 * C_local) holds every shard's positives in every layout (1-4 ranks); a fuller
+    # sample leaves classes out (kernels/pfc_sample.py; tests/test_host_syncs.py)
     "stable_sampled_penalty": StageConfig(
-        name="mid", sample_rate=0.4, centers="both", prototype_weight=0.3, center_penalty=0.7
+        name="mid", sample_rate=0.5, centers="both", prototype_weight=0.3, center_penalty=0.7
     ),
 }
 CASES = [(m, s, impl) for m in MARGINS for s in STAGES for impl in ("dense", "chunked")]

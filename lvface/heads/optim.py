@@ -8,8 +8,9 @@ Sampled rows only (default, `sparse_rows=True`). With Partial-FC sampling a clas
 in any micro-batch of the step has a zero gradient. Plain AdamW would still decay its weight and move
 it with its stale first moment (m <- b1 * m; W -= lr * m_hat / ...): a class that is sampled 30% of the
 time would drift on the other 70% of steps along a direction it no longer has evidence for. So only the
-rows the head reports as touched (`head.touched_rows()`: sampled in some micro-batch since the last
-step) get the AdamW update, decay and moment updates; each row counts its own steps for the bias
+rows the head reports as touched (`head.touched_mask()`: sampled in some micro-batch since the last
+step) get the AdamW update, decay and moment updates (computed for every row and kept where touched:
+fixed shapes, no host sync); each row counts its own steps for the bias
 correction (row_steps), so a row's update is exactly AdamW over the steps it took part in. Without
 sampling every row is touched and this is plain AdamW. `sparse_rows=False` gives the dense behaviour
 (every row, every step; the per-row step counts are then all equal to the global step).
@@ -99,40 +100,45 @@ class HeadAdamW(torch.optim.Optimizer):
         weight.sub_(exp_avg / denom * (lr / bias1))
 
     @torch.no_grad()
-    def step(self, grad_scale: float = 1.0) -> bool:
-        """Update W_local; returns False when nothing was applied (no gradient, or a non-finite one
-        under a loss scale). Clears the head's touched rows either way."""
+    def step(self, grad_scale: float = 1.0, *, finite_checked: bool = False) -> bool:
+        """Update W_local; returns False when nothing was applied (no gradient or no touched row, or a
+        non-finite gradient under a loss scale). Clears the head's touched rows either way.
+
+        finite_checked: the caller already knows the gradient is finite (lvface.engine.train_step folds it
+        into the step's flags), so the fp16 check - a host read - is not repeated. Without it, and with
+        grad_scale != 1, one host read checks the gradient here."""
         head = self.head
         weight, grad = head.weight, head.weight.grad
-        rows = head.touched_rows() if self.sparse_rows else None
         try:
-            if grad is None or (rows is not None and rows.numel() == 0):
+            if grad is None or (self.sparse_rows and not head.has_touched_rows()):
                 return False
-            if grad_scale != 1.0:
-                checked = grad if rows is None else grad.index_select(0, rows)
+            mask = head.touched_mask() if self.sparse_rows else None  # (C_local,) bool, or None for all rows
+            if grad_scale != 1.0 and not finite_checked:
+                checked = grad if mask is None else grad * mask.unsqueeze(1).to(grad.dtype)
                 if not bool(torch.isfinite(checked).all()):
                     return False
-            exp_avg, exp_avg_sq, row_steps = self.exp_avg, self.exp_avg_sq, self.row_steps
             if self._fused is not None:
                 self._fused_step(grad_scale)
                 return True
-            if rows is None:
-                for start in range(0, weight.shape[0], self.block_rows):
-                    block = slice(start, start + self.block_rows)
+            exp_avg, exp_avg_sq, row_steps = self.exp_avg, self.exp_avg_sq, self.row_steps
+            for start in range(0, weight.shape[0], self.block_rows):
+                block = slice(start, start + self.block_rows)
+                if mask is None:
                     self._update_block(
                         weight[block], grad[block], exp_avg[block], exp_avg_sq[block], row_steps[block], grad_scale
                     )
-                return True
-            for start in range(0, rows.numel(), self.block_rows):
-                index = rows[start : start + self.block_rows]
-                parts = [t.index_select(0, index) for t in (weight, exp_avg, exp_avg_sq, row_steps)]
-                self._update_block(parts[0], grad.index_select(0, index), parts[1], parts[2], parts[3], grad_scale)
-                for target, part in zip((weight, exp_avg, exp_avg_sq, row_steps), parts):
-                    target.index_copy_(0, index, part)
+                    continue
+                # every row is computed, the touched ones kept: fixed shapes, no host sync (a row's update
+                # is elementwise, so a touched row gets the same arithmetic as alone)
+                targets = (weight[block], exp_avg[block], exp_avg_sq[block], row_steps[block])
+                parts = [t.clone() for t in targets]
+                self._update_block(parts[0], grad[block], parts[1], parts[2], parts[3], grad_scale)
+                keep = mask[block]
+                for target, part in zip(targets, parts):
+                    target.copy_(torch.where(keep.view(-1, *([1] * (part.dim() - 1))), part, target))
             return True
         finally:
             head.clear_touched_rows()
-
 
     def _fused_step(self, grad_scale: float) -> None:
         """One dense AdamW step through apex's kernel, on this optimizer's own state tensors."""

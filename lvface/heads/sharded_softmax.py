@@ -9,8 +9,9 @@ the group's W ranks in contiguous ranges, the first C mod W ranks holding one mo
     -> margin softmax over the sharded classes: local (max, sum-exp, target logit) -> all_reduce
     -> loss = mean_n (logsumexp_n - target logit_n), identical on every rank
 
-What crosses the wire per step: 4 numbers per rank first (batch size, label count and range, all_gathered
-so that bad input raises on every rank before a collective can hang), the embeddings and labels
+What crosses the wire per step: at the first forward (and when a rank's batch shape changes) 4 numbers
+per rank first (batch size, label count and range, all_gathered so that bad input raises on every rank
+before a collective can hang; later forwards check the labels on the device), the embeddings and labels
 (all_gather of N x D and N), one all-reduce MAX of N numbers and one all-reduce SUM of 2N numbers per
 cross-entropy term (W, and P in the stable stage), and in backward one reduce-scatter of N x D.
 Nothing proportional to the number of classes.
@@ -346,9 +347,10 @@ class ShardedMarginHead(nn.Module):
     backend (loss.impl, a row of kernels/registry.py) and its chunk budget (loss.chunk_mb); it is validated
     here as a config file is. seed fixes the initial centers and the Partial-FC sampling stream.
 
-    Host-device synchronisations per forward: one (the batch check's gathered sizes and label range),
-    plus at most one for the Partial-FC sample size (kernels/pfc_sample.py); update_prototypes() one.
-    Nothing per chunk or per class.
+    Host-device synchronisations: one at the first forward (the batch check across ranks), then none:
+    the label range and the rows a full Partial-FC sample left out go into `take_step_flags()`, which
+    lvface.engine.train_step reads once per optimizer step; the sample has a fixed size and the EPL
+    update and the optimizer work on fixed shapes. Nothing per chunk or per class.
     """
 
     def __init__(
@@ -394,6 +396,10 @@ class ShardedMarginHead(nn.Module):
         self._touched: torch.Tensor | None = None
         self._all_touched = False
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (x_hat [N, D], local labels [N])
+        self._checked_shape: tuple[int, int] | None = None  # this rank's (B, labels) the group has checked
+        self._label_range: torch.Tensor | None = None  # (lowest, highest) label of the step, on the device
+        self._bad_range: torch.Tensor | None = None  # the range of the step whose flags were taken last
+        self._dropped_rows: torch.Tensor | None = None  # rows whose class was left out of a full sample
         self.resolved_impl: str | None = None
         """The backend `impl` resolved to at the first forward (auto: the registry's default there)."""
         self._backend = None
@@ -414,8 +420,15 @@ class ShardedMarginHead(nn.Module):
     # ---- forward --------------------------------------------------------------------------------
 
     def _check_global_batch(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> None:
-        """Gather (B, labels, min label, max label) from every rank and raise the same error on all of
-        them for mismatched batch sizes or a label outside [0, C), before any collective can hang."""
+        """Check the batch: local shapes on the host; then, at the first forward and whenever this rank's
+        batch shape changes, gather (B, labels, min label, max label) from every rank and raise the same
+        error on all of them for mismatched batch sizes or a label outside [0, C), before any collective
+        can hang (one host read). At the other forwards the label range is checked on the device into the
+        step's flags (`take_step_flags`), read once per optimizer step by lvface.engine.train_step.
+
+        A rank whose batch shape changes while the others' do not runs the check alone, and the group
+        waits in the next collective until its timeout (the loaders drop partial batches, so a training
+        run's shapes never change)."""
         if local_embeddings.dim() != 2 or local_embeddings.shape[1] != self.embedding_size:
             raise ValueError(
                 f"head expects embeddings [B, {self.embedding_size}], got {tuple(local_embeddings.shape)}; "
@@ -424,14 +437,26 @@ class ShardedMarginHead(nn.Module):
         if local_labels.dim() != 1 or local_labels.dtype.is_floating_point or local_labels.dtype == torch.bool:
             raise ValueError(f"head expects integer labels [B], got {local_labels.dtype} {tuple(local_labels.shape)}")
         labels = local_labels.detach().to(torch.int64)
-        device = local_embeddings.device
-        sizes_here = torch.tensor([local_embeddings.shape[0], labels.numel()], dtype=torch.int64, device=device)
+        shape = (local_embeddings.shape[0], labels.numel())
         if labels.numel():
-            label_range = torch.stack([labels.min(), labels.max()]).to(device)  # stays on the device
+            label_range = torch.stack([labels.min(), labels.max()]).to(local_embeddings.device)  # on the device
         else:
-            label_range = torch.zeros(2, dtype=torch.int64, device=device)
+            label_range = torch.zeros(2, dtype=torch.int64, device=local_embeddings.device)
+        if shape != self._checked_shape:
+            self._check_across_ranks(shape, label_range)
+            self._checked_shape = shape
+            return
+        if self._label_range is None:
+            self._label_range = label_range
+        else:  # the step's (lowest, highest) label so far
+            self._label_range = torch.stack([torch.minimum(self._label_range[0], label_range[0]),
+                                             torch.maximum(self._label_range[1], label_range[1])])
+
+    def _check_across_ranks(self, shape: tuple[int, int], label_range: torch.Tensor) -> None:
+        device = label_range.device
+        sizes_here = torch.tensor(list(shape), dtype=torch.int64, device=device)
         meta = torch.cat([sizes_here, label_range]).unsqueeze(0)  # (1, 4)
-        everyone = _all_gather_rows(meta, self.group, self.world_size).tolist()  # (W, 4): the one host sync
+        everyone = _all_gather_rows(meta, self.group, self.world_size).tolist()  # (W, 4): a host read
         sizes = [row[0] for row in everyone]
         counts = [row[1] for row in everyone]
         if sizes != counts:
@@ -441,13 +466,38 @@ class ShardedMarginHead(nn.Module):
                 f"batch sizes differ across ranks or are empty: {sizes} (rank order); every rank must pass "
                 "the same non-zero number of embeddings per step (drop the last partial batch in the loader)"
             )
-        for rank, (_, _, low, high) in enumerate(everyone):
+        self._raise_for_labels([row[2:] for row in everyone])
+
+    def _raise_for_labels(self, ranges: list[list[int]]) -> None:
+        for rank, (low, high) in enumerate(ranges):
             for value in (low, high):
                 if not 0 <= value < self.num_classes:
                     raise ValueError(
                         f"label {value} (rank {rank}) is outside [0, {self.num_classes}): check data.num_classes "
                         "and the labels of the training data"
                     )
+
+    def take_step_flags(self) -> torch.Tensor:
+        """[bad labels (0/1), rows whose class was left out of a full Partial-FC sample] since the last call,
+        a float tensor on the head's device (no host sync), for the optimizer step's one flag read; resets
+        them. After that read, on every rank: `raise_for_bad_labels()` where the first flag is set."""
+        flags = torch.zeros(2, device=self.weight.device)
+        if self._label_range is not None:
+            low, high = self._label_range[0], self._label_range[1]
+            flags[0] = ((low < 0) | (high >= self.num_classes)).to(flags.dtype)
+            self._bad_range, self._label_range = self._label_range, None
+        if self._dropped_rows is not None:
+            flags[1] = self._dropped_rows.to(flags.dtype)
+            self._dropped_rows = None
+        return flags
+
+    def raise_for_bad_labels(self) -> None:
+        """Raise the batch check's error for the labels of the step whose flags said so (collective: call
+        on every rank, after the flags were all-reduced)."""
+        device = self.weight.device
+        local = self._bad_range if self._bad_range is not None else torch.tensor([0, 0], device=device)
+        everyone = _all_gather_rows(local.to(device).unsqueeze(0), self.group, self.world_size).tolist()
+        self._raise_for_labels(everyone)
 
     def _resolve_impl(self, device: torch.device) -> str:
         """Pick the implementation once, at the first forward (the tensors' device is known then)."""
@@ -536,6 +586,8 @@ class ShardedMarginHead(nn.Module):
             seed = sample_seed(self.seed, self.sample_step, self.class_start)
             self.sample_step += 1
             rows, targets = select_rows(local_labels_all, self.num_local_classes, stage.sample_rate, seed)
+            dropped = ((local_labels_all >= 0) & (targets < 0)).sum()  # 0 unless the positives overflow
+            self._dropped_rows = dropped if self._dropped_rows is None else self._dropped_rows + dropped
         self.last_sampled_rows = rows
 
         if stage.centers == "learned":
@@ -584,27 +636,37 @@ class ShardedMarginHead(nn.Module):
             return torch.zeros(0, dtype=torch.int64, device=self.weight.device)
         return self._touched.nonzero(as_tuple=True)[0]
 
+    def touched_mask(self) -> torch.Tensor | None:
+        """[C_local] bool: the rows of W that took part since the last clear (no host sync), or None for
+        all rows. `has_touched_rows()` says on the host whether any forward marked rows at all."""
+        if self._all_touched:
+            return None
+        if self._touched is None:
+            return torch.zeros(self.num_local_classes, dtype=torch.bool, device=self.weight.device)
+        return self._touched
+
+    def has_touched_rows(self) -> bool:
+        return self._all_touched or self._touched is not None
+
     def clear_touched_rows(self) -> None:
         """Called after every head optimizer step: the bf16 copies of W and P are made again at the next forward."""
         self._touched, self._all_touched = None, False
         self._operands.clear()
 
     @torch.no_grad()
-    def update_prototypes(self) -> int:
+    def update_prototypes(self) -> int | torch.Tensor:
         """Apply the EPL update for the classes of this shard seen since the last call (all micro-batches
         of the step merged: once per class, from the class mean). Call after backward. Returns the number
-        of classes updated."""
+        of classes updated (a 0-dim tensor on the head's device: no host sync; 0 without pending rows)."""
         self._operands.pop("prototypes", None)  # the Triton EPL update writes P without a version bump
         if not self._pending:
             return 0
         x_hat = torch.cat([p[0] for p in self._pending])  # (K * N, D)
-        labels = torch.cat([p[1] for p in self._pending])  # (K * N,)
+        labels = torch.cat([p[1] for p in self._pending])  # (K * N,) -1 for other shards: skipped by the update
         self._pending = []
-        mine = (labels >= 0).nonzero(as_tuple=True)[0]  # the update's one host sync
         cfg = self.loss_cfg
         return epl_update_(
-            self.prototypes, x_hat.index_select(0, mine), labels.index_select(0, mine),
-            mode=cfg.prototype_update, momentum=cfg.prototype_momentum,
+            self.prototypes, x_hat, labels, mode=cfg.prototype_update, momentum=cfg.prototype_momentum,
             impl=self._epl_impl,
         )
 
