@@ -463,24 +463,26 @@ def _point_latest(root: Path) -> None:
 def set_aside_later(root: Path, samples_seen: int, resumed: Path, *, rank: int, world_size: int,
                     group) -> Path | None:
     """Resuming `resumed` (at `samples_seen`) in a run whose checkpoints folder `root` holds later
-    checkpoints: rank 0 moves them aside (see the module docstring) and warns once, naming where; every
-    rank agrees before going on (a failed move stops every rank, nothing deleted). Returns the folder
-    they went to, or None when there were none. Collective."""
-    later = [tag for tag in list_tags(root) if int(TAG_PATTERN.match(tag).group(1)) > samples_seen]
-    if not later:
-        return None
-    aside, error = None, None
+    checkpoints: rank 0 moves them aside (see the module docstring) and warns once, naming where. Every
+    rank takes rank 0's answer (listing the folder itself could race with the move) before going on; a
+    failed move stops every rank, nothing deleted. Returns the folder they went to, or None when there
+    were none. Collective."""
+    answer = None
     if rank == 0:
+        later = [tag for tag in list_tags(root) if int(TAG_PATTERN.match(tag).group(1)) > samples_seen]
+        aside, error = None, None
         try:
-            aside = _move_aside(root, later)
-            _point_latest(root)
+            if later:
+                aside = _move_aside(root, later)
+                _point_latest(root)
         except OSError as exc:
-            error = f"setting aside the checkpoints after {resumed} ({', '.join(later)}) failed: " \
-                    f"{_describe_error(exc, root / later[0])}"
-    errors = _agree(error, group, world_size)
-    if errors:
-        raise CheckpointSaveError(f"{'; '.join(errors)}; nothing was deleted: move them out of {root} by hand")
-    if rank == 0:
+            error = (f"setting aside the checkpoints after {resumed} ({', '.join(later)}) failed: "
+                     f"{_describe_error(exc, root / later[0])}")
+        answer = (later, aside, error)
+    later, aside, error = _gather(answer, group, world_size)[0]
+    if error:
+        raise CheckpointSaveError(f"{error}; nothing was deleted: move them out of {root} by hand")
+    if aside is not None and rank == 0:
         log.warning("resuming %s, older than this run's newest checkpoints: moved the later ones (%s) and their "
                     "universal conversions aside into %s (nothing deleted; the re-trained run writes its own "
                     "checkpoints under those names and `latest` follows them; checkpoint.resume=%s resumes "
