@@ -72,7 +72,7 @@ def blocks_per_sm(regs: int, smem: int, warps: int, arch: str) -> dict:
 def _epl_launch():
     from lvface.kernels import triton_epl as e
 
-    signature = {"feat_ptr": "*fp32", "order_ptr": "*i64", "offsets_ptr": "*i64", "seg_rows_ptr": "*i64",
+    signature = {"feat_ptr": "*fp32", "order_ptr": "*i64", "ends_ptr": "*i64", "sorted_ptr": "*i64",
                  "proto_ptr": "*fp32", "D": "i32", "stride_f": "i32", "stride_p": "i32", "momentum": "fp32",
                  "ADAPTIVE": "constexpr", "EPS": "constexpr", "BLOCK_D": "constexpr"}
     return e._epl_kernel, signature, {"ADAPTIVE": True, "EPS": 1e-12, "BLOCK_D": DIM}, {"num_warps": 4}

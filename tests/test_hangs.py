@@ -84,8 +84,10 @@ def _slow_rank(rank, world_size, group, slow_rank, intervals):
 
 
 def test_a_slow_rank_is_named_a_straggler_after_three_intervals():
-    for named in run_on_ranks(_slow_rank, 2, 1, 4, timeout=120):
-        assert named == [None, None, 1, 1]
+    for named in run_on_ranks(_slow_rank, 2, 1, 5, timeout=120):
+        # never before the third interval (patience 3), never the fast rank; a busy machine may delay the
+        # naming by an interval (a stalled fast rank's own time can reach the slow one's), not prevent it
+        assert named[:2] == [None, None] and 0 not in named and named[-1] == 1, named
 
 
 def test_watchdog_names_the_rank_behind_and_the_one_whose_watchdog_did_not_answer(tmp_path):
@@ -138,6 +140,6 @@ def test_flight_recorder_is_on_by_default_and_a_users_setting_wins(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert seen["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1" and seen["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert seen["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1" and seen["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
     assert seen["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "run" / "nccl_trace" / "rank")
     assert seen["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "5" and "TORCH_FR_BUFFER_SIZE" not in seen

@@ -157,7 +157,7 @@ def test_two_usr1_preemptions_requeue_resume_and_complete(slurm, tmp_path):
     saved = re.findall(r"\[rank0\] WARNING lvface\.train: preemption save: (\S+) written after step (\d+)", text)
     assert len(saved) == 2 and text.count(f"requeueing job {job_id}") == 2
     # each start resumed from the checkpoint the previous one saved, and the run finished all steps
-    resumed = re.findall(r"\[rank0\] INFO lvface\.checkpoint: resumed from (\S+)", text)
+    resumed = re.findall(r"\[rank0\] INFO lvface\.checkpoint\.manager: resumed from (\S+)", text)
     assert resumed == [folder for folder, _ in saved], (resumed, saved)
     assert int(saved[0][1]) < int(saved[1][1]) < MAX_STEPS
     summary = json.loads((out / "summary.json").read_text())
