@@ -159,6 +159,7 @@ class Trainer:
             self.metrics.restart_step_clock()  # an evaluation or a save is not part of the next step
         last_results = self.evaluate() if self.verifier else {}
         folder = self.save()
+        self.checkpointer.close()
         self.loader.close()
         summary = self.log.summary(steps=state.step, first_results=first_results, last_results=last_results,
                                    checkpoint=folder, nonfinite_steps=self.nonfinite.total)
@@ -186,6 +187,7 @@ class Trainer:
 
     def preempted(self) -> None:
         folder = self.save()
+        self.checkpointer.close()
         self.metrics.count("preemption_saves")
         log.warning("preemption save: %s written after step %d; exiting with %d so that the job is requeued",
                     folder, self.state.step, EXIT_PREEMPTED)
