@@ -28,8 +28,10 @@ just written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shutil
@@ -563,8 +565,31 @@ class Checkpointer:
             load_checkpoint(*self.selected, engine=engine, head=head, head_optimizer=head_optimizer,
                             engine_root=self.engine_root)
         self.engine, self.head, self.head_optimizer = engine, head, head_optimizer
+        if self.cfg.async_save and multiprocessing.current_process().daemon:
+            log.warning("checkpoint.async_save: this rank runs in a daemonic process, which cannot start a writer "
+                        "process; checkpoints are written synchronously")
+            self.cfg = dataclasses.replace(self.cfg, async_save=False)
         if self.cfg.async_save:  # started now, its imports overlap the first steps
-            self.pool, self.writer = BufferPool(shared=True), Writer()
+            self.pool = BufferPool(shared=True)
+            self._ensure_writer()
+
+    def _ensure_writer(self) -> None:
+        """A live writer process (a new one, fed every buffer again, when the last one died idle)."""
+        if self.writer is not None and self.writer.process.is_alive():
+            return
+        if self.writer is not None:
+            log.warning("checkpoint writer process %d ended (exit code %s) between saves: starting another",
+                        self.writer.pid, self.writer.process.exitcode)
+            self._drop_writer()
+        self.writer = Writer()
+        self.pool.unsent = dict(self.pool.buffers)
+        log.info("checkpoint writer process %d started", self.writer.pid)
+
+    def _drop_writer(self) -> None:
+        """Kill this rank's writer (a failed save: its unfinished job and answer are abandoned)."""
+        if self.writer is not None:
+            self.writer.close(abandon=True)
+            self.writer = None
 
     def save(self, state: TrainState, force: bool = False) -> Path | None:
         """Write `state` with the loaded objects' tensors when forced or at the interval; returns the
@@ -617,15 +642,21 @@ class Checkpointer:
                               train_state=train_state, rank=self.rank, world_size=self.world_size, group=self.group)
         if staging is None:
             return False
+        self._ensure_writer()
         capture = Capture(self.pool)
         error = _capture_or_error(capture, self.root, staging, self.rank, engine=self.engine, head=self.head,
                                   head_optimizer=self.head_optimizer, config_yaml=self.config_yaml,
                                   train_state=train_state, zero_stage=zero_stage(self.ds_config))
+        if error is None:
+            try:
+                self.writer.send_buffers(self.pool)
+                self.writer.submit(write_files, folder=str(staging), jobs=capture.jobs)
+            except OSError as exc:  # the writer died since the check above
+                error = f"rank {self.rank}: the checkpoint writer process cannot take the job: {exc}"
         errors = _agree(error, self.group, self.world_size)
         if errors:
+            self._drop_writer()
             raise _save_failed(self.root, tag, staging, errors, self.rank)
-        self.writer.send_buffers(self.pool)
-        self.writer.submit(write_files, folder=str(staging), jobs=capture.jobs)
         self.inflight = _InFlight(tag=tag, staging=staging, train_state=train_state, step=state.step,
                                   stall_s=time.perf_counter() - start, started=time.perf_counter())
         self.history.append(self.inflight.record)
@@ -646,6 +677,7 @@ class Checkpointer:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
             if flags[1]:
                 self.inflight = None
+                self._drop_writer()  # no rank's writer may still write into the folder rank 0 removes
                 errors = _agree(flight.answer[1] if failed else None, self.group, self.world_size)
                 raise _save_failed(self.root, flight.tag, flight.staging, errors, self.rank)
             if flags[0]:

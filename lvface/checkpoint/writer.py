@@ -55,9 +55,9 @@ class BufferPool:
         nbytes = storage.nbytes()
         buffer = self.buffers.get(key)
         if buffer is None or buffer.numel() != nbytes:
-            buffer = torch.empty(nbytes, dtype=torch.uint8)
-            if self.shared:
-                buffer.share_memory_()
+            # allocated in shared memory directly: share_memory_() would allocate twice and copy
+            memory = torch.UntypedStorage._new_shared(nbytes) if self.shared and nbytes else torch.UntypedStorage(nbytes)
+            buffer = torch.empty(0, dtype=torch.uint8).set_(memory, 0, (nbytes,), (1,))
             if storage.device.type == "cuda" and nbytes:
                 _pin(buffer)
             self.buffers[key] = self.unsent[key] = buffer
@@ -275,18 +275,24 @@ class Writer:
         while True:
             try:
                 if self.conn.poll(min(max(deadline - time.monotonic(), 0.0), 1.0)):
+                    answer = self.conn.recv()
                     self.pending -= 1
-                    return self.conn.recv()
-            except (EOFError, OSError):
-                pass
-            if not self.process.is_alive() and not self.conn.poll(0):
-                raise WriterDied(f"the checkpoint writer process (pid {self.process.pid}) died with exit code "
-                                 f"{self.process.exitcode} before finishing its job")
+                    return answer
+            except (EOFError, OSError):  # the process is gone: its end of the pipe closed
+                self.process.join(timeout=10)
+                raise self._died() from None
+            if not self.process.is_alive():
+                raise self._died()
             if time.monotonic() >= deadline:
                 return None
 
-    def close(self) -> None:
-        if self.process.is_alive():
+    def _died(self) -> WriterDied:
+        return WriterDied(f"the checkpoint writer process (pid {self.process.pid}) died with exit code "
+                          f"{self.process.exitcode} before finishing its job")
+
+    def close(self, abandon: bool = False) -> None:
+        """Stop the process after its jobs (or at once, abandoning them)."""
+        if self.process.is_alive() and not abandon:
             try:
                 self.conn.send(("close",))
             except (BrokenPipeError, OSError):
