@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=0, help="steps per run (default: 16 demo, 24 at 500k classes)")
-    parser.add_argument("--every", type=int, default=0, help="checkpoint.every_steps (default: 4 demo, 12 at 500k classes)")
+    parser.add_argument("--every", type=int, default=0, help="checkpoint.every_steps (default: 4 demo, 8 at 500k classes)")
     parser.add_argument("--json", default=None, help="write the records to this JSON file")
     return parser.parse_args(argv)
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="bench_checkpoint_") as tmp:
         for size in args.sizes:
             steps = args.steps or (24 if SIZES[size]["classes"] else 16)
-            every = args.every or (12 if SIZES[size]["classes"] else 4)
+            every = args.every or (8 if SIZES[size]["classes"] else 4)
             pair = {mode: run_mode(size, mode, args, Path(tmp), steps, every) for mode in ("async", "sync")}
             if pair["async"]["stall_s"] and pair["sync"]["stall_s"]:
                 pair["async"]["stall_ratio"] = pair["async"]["stall_s"] / pair["sync"]["stall_s"]

@@ -2,14 +2,25 @@
 
 A checkpoint is the folder `<output_dir>/checkpoints/samples<N>/`, named by the samples the run had
 seen (N, 12 digits), so that checkpoints of runs on different world sizes cannot collide. Nothing is
-ever written into an existing checkpoint folder: a save writes `.samples<N>.partial-<run>/`, every
-rank hashes its share of the files, rank 0 writes `manifest.json` (lvface/checkpoint/manifest.py) and
-renames the folder into place, and only then moves the `latest` pointer. A crash or a failed write
-mid-save leaves the previous checkpoint and `latest` as they were; resume checks every file against
-the manifest and falls back to the newest checkpoint that is intact, naming the damaged file.
+ever written into an existing checkpoint folder: a save writes `.samples<N>.partial-<run>/`, each file
+hashed as it is written and fsynced (lvface/checkpoint/writer.py); once every rank is done, rank 0
+writes `manifest.json` (lvface/checkpoint/manifest.py), renames the folder into place, fsyncs it and
+its parent, and only then moves the `latest` pointer (durably) and prunes. A crash, a killed writer or
+a failed write mid-save leaves the previous checkpoint and `latest` as they were; resume checks every
+file against the manifest and falls back to the newest checkpoint that is intact, naming the damaged
+file.
+
+With `checkpoint.async_save` (the default) the step boundary waits only for the snapshot; each rank's
+writer process writes its files in the background and rank 0's commits them. That the writers are
+done is agreed by a two-value all-reduce at each step boundary while a save is in flight (in
+`Checkpointer.save`, which the trainer calls after every step), not inside `train_step`. One save is
+in flight at a time: a save that falls due earlier waits (logged); a forced save (the end, a
+preemption) returns only once committed.
 
 Contents of a tag folder:
-- DeepSpeed's own files (model states, ZeRO-partitioned optimizer states, the LR scheduler);
+- DeepSpeed's own files (model states, ZeRO-partitioned optimizer states, the LR scheduler), and its
+  recovery scripts `zero_to_fp32.py` / `zero_to_torch.py` (which DeepSpeed itself drops beside the tags,
+  outside any manifest);
 - `head_shard_<rank>_of_<world>.pt`, one per rank: this rank's rows of the class centers W, the EPL
   prototypes P and the head optimizer's moments (lvface/checkpoint/head.py), re-split on load when
   the world size changed;

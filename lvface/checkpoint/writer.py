@@ -126,9 +126,6 @@ class Capture:
         if self.pool is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
 
-    def storage_map(self) -> dict:
-        return self.storages
-
 
 class _RebuildUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, storages: dict):
