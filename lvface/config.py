@@ -325,6 +325,11 @@ class CheckpointConfig:
     init_backbone: str = ""
     """Fine-tune from these backbone weights, loaded strictly before training: a plain state_dict (insightface
     arcface_torch / LVFace .pt), a .safetensors file, or an lvface checkpoint folder; the head starts fresh."""
+    async_save: bool = True
+    """Write checkpoints in a background process per rank: a step waits only for a copy of the tensors into
+    host memory; the files are written, fsynced, hashed and committed while training goes on (the end's
+    and a preemption's save are committed before the run exits). false: every rank writes before the next
+    step. (Not `async`: a Python keyword cannot be a config field.)"""
 
     def validate(self, where: str = "checkpoint") -> None:
         """Every value of the right type is usable."""

@@ -13,6 +13,7 @@ Nothing here knows about training; it sits at the bottom of the package next to 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import uuid
@@ -116,10 +117,15 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def json_text(payload: Any) -> str:
+    """The text of lvface's JSON files: indent 1, numpy values converted."""
+    return json.dumps(jsonable(payload), indent=1, default=str) + "\n"
+
+
 def atomic_write_json(path: str | os.PathLike, payload: Any, *, durable: bool = False) -> None:
     """The JSON writer: indent 1, numpy values converted, parents created, written atomically."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(jsonable(payload), indent=1, default=str) + "\n", durable=durable)
+    atomic_write_text(path, json_text(payload), durable=durable)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -128,3 +134,37 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     with atomic_open(path, durable=True) as handle:
         torch.save(obj, handle)
+
+
+class _HashingFile:
+    """A binary file that hashes the bytes on their way to the disk (no second read pass)."""
+
+    def __init__(self, handle, algorithm: str):
+        self.handle, self.hash, self.size = handle, hashlib.new(algorithm), 0
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        self.size += len(data) if not isinstance(data, memoryview) else data.nbytes
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def durable_write(path: str | os.PathLike, write, algorithm: str = "sha256") -> dict:
+    """Create `path` (it must not exist: a checkpoint's staging folder is fresh), let `write(handle)` fill
+    it, fsync it; returns {"size": bytes, algorithm: hex digest} of exactly the bytes written. The
+    caller fsyncs the folder once all its files are written. Errors become FileWriteError naming `path`."""
+    path = os.fspath(path)
+    try:
+        with open(path, "xb") as handle:
+            hashing = _HashingFile(handle, algorithm)
+            write(hashing)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException as exc:
+        if isinstance(exc, FileWriteError) or not _is_write_failure(exc):
+            raise
+        raise FileWriteError(getattr(_root_oserror(exc), "errno", None),
+                             f"cannot write {path}: {_describe(exc)}") from exc
+    return {"size": hashing.size, algorithm: hashing.hash.hexdigest()}

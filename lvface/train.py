@@ -187,9 +187,9 @@ class Trainer:
         raise Preempted(self.stop.signal_name, folder, self.stop.exit_code)
 
     def close(self, reason: str) -> None:
+        self.checkpointer.close()  # the background writer: its save committed, the process ended
         self.loader.close()
-        self.log.close()
-        self.metrics.run_ended(reason, self.state.step)
+        self.log.close(reason, self.state.step)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -79,8 +79,10 @@ class TrainLog:
         self.tracker.log_verification(step, results)
         return results
 
-    def close(self) -> None:
+    def close(self, reason: str, step: int) -> None:
+        """The run ends here (`reason`: done, preempted): the trackers' files closed, the event log told."""
         self.tracker.close()
+        self.metrics.run_ended(reason, step)
 
     def summary(self, run: RunFolder, *, steps: int, first_results: dict, last_results: dict, checkpoint: Path,
                 nonfinite_steps: int) -> dict:

@@ -39,7 +39,8 @@ def shard_file_name(rank: int, world_size: int) -> str:
     return f"head_shard_{rank:05d}_of_{world_size:05d}.pt"
 
 
-def _shard_payload(head, opt, extra: dict) -> dict:
+def shard_payload(head, opt, extra: dict) -> dict:
+    """The content of this rank's shard file: its rows (the live tensors, not copies) and their metadata."""
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -71,7 +72,7 @@ def save_head_shard(path_dir, head, opt, extra: dict | None = None, barrier: boo
     directory = Path(path_dir)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / shard_file_name(head.rank, head.world_size)
-    atomic_torch_save(_shard_payload(head, opt, extra), path)
+    atomic_torch_save(shard_payload(head, opt, extra), path)
     if barrier and head.world_size > 1:
         dist.barrier(group=head.group)
     return path

@@ -2,12 +2,20 @@
 
 A checkpoint is the folder `<output_dir>/checkpoints/samples<N>/`, named by the samples the run had
 seen (N, 12 digits), so that checkpoints of runs on different world sizes cannot collide. Nothing is
-ever written into an existing checkpoint folder: a save writes `.samples<N>.partial-<run>/`, every
-rank hashes its share of the files, rank 0 writes `manifest.json` (lvface/checkpoint/manifest.py) and
-renames the folder into place, and only then moves the `latest` pointer. A crash or a failed write
-mid-save leaves the previous checkpoint and `latest` as they were; resume checks every file against
-the manifest and every tensor for NaN/Inf, and falls back to the newest checkpoint that is intact and
-finite, naming the damaged file or tensor.
+ever written into an existing checkpoint folder: a save writes `.samples<N>.partial-<run>/`, each file
+hashed as it is written and fsynced (lvface/checkpoint/writer.py); once every rank is done, rank 0
+writes `manifest.json` (lvface/checkpoint/manifest.py), renames the folder into place, fsyncs it and
+its parent, and only then moves the `latest` pointer (durably) and prunes. A crash, a killed writer or
+a failed write mid-save leaves the previous checkpoint and `latest` as they were; resume checks every
+file against the manifest and every tensor for NaN/Inf, and falls back to the newest checkpoint that
+is intact and finite, naming the damaged file or tensor.
+
+With `checkpoint.async_save` (the default) the step boundary waits only for the snapshot; each rank's
+writer process writes its files in the background and rank 0's commits them. That the writers are
+done is agreed by a two-value all-reduce at each step boundary while a save is in flight (in
+`Checkpointer.save`, which the trainer calls after every step), not inside `train_step`. One save is
+in flight at a time: a save that falls due earlier waits (logged); a forced save (the end, a
+preemption) returns only once committed.
 
 Resuming a checkpoint older than the run folder's newest (a rollback: the usual answer to a loss
 spike, re-trained with another seed or learning rate) sets the later checkpoints aside, never deleting
@@ -16,7 +24,9 @@ them: rank 0 moves them, with their universal conversions and a copy of `latest`
 so the re-trained run writes its own states under those names and `latest` names them.
 
 Contents of a tag folder:
-- DeepSpeed's own files (model states, ZeRO-partitioned optimizer states, the LR scheduler);
+- DeepSpeed's own files (model states, ZeRO-partitioned optimizer states, the LR scheduler), and its
+  recovery scripts `zero_to_fp32.py` / `zero_to_torch.py` (which DeepSpeed itself drops beside the tags,
+  outside any manifest);
 - `head_shard_<rank>_of_<world>.pt`, one per rank: this rank's rows of the class centers W, the EPL
   prototypes P and the head optimizer's moments (lvface/checkpoint/head.py), re-split on load when
   the world size changed;
@@ -35,9 +45,10 @@ just written.
 
 from __future__ import annotations
 
-import errno
+import dataclasses
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shutil
@@ -45,19 +56,21 @@ import sys
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from lvface.checkpoint.files import BACKBONE_FILE, CONFIG_FILE, LATEST, TRAIN_STATE_FILE, load_backbone_into, read_latest
-from lvface.checkpoint.head import load_head_shards, save_head_shard
-from lvface.checkpoint.manifest import (MANIFEST, CheckpointCorrupt, check_files, checkpoint_files, describe_files,
-                                        manifest_digest, manifest_text, read_manifest)
+from lvface.checkpoint.head import load_head_shards, shard_file_name, shard_payload
+from lvface.checkpoint.manifest import (MANIFEST, CheckpointCorrupt, check_files, manifest_digest, manifest_text,
+                                        read_manifest)
 from lvface.checkpoint.state import TrainState
+from lvface.checkpoint.writer import BufferPool, Capture, Writer, WriterDied, describe_error, write_files
 from lvface.config import CheckpointConfig, ConfigError
 from lvface.engine import zero_stage
-from lvface.files import atomic_torch_save, atomic_write_json, atomic_write_text
+from lvface.files import atomic_write_text, fsync_dir, json_text
 from lvface.progress import run_with_progress
 from lvface.run_folder import RunFolder
 
@@ -150,21 +163,6 @@ def run_of(folder: Path) -> str | None:
         return None
 
 
-def _describe_error(exc: BaseException, where: Path) -> str:
-    if isinstance(exc, OSError):
-        path = exc.filename or where
-        reason = exc.strerror or str(exc)
-        if exc.errno == errno.ENOSPC:
-            reason = f"no space left on device ({shutil.disk_usage(where.parent).free >> 20} MiB free)"
-        return f"{path}: {reason}"
-    try:
-        free = shutil.disk_usage(where.parent).free
-    except OSError:
-        free = None
-    hint = f" (no space left on device: {free >> 20} MiB free)" if free is not None and free < (64 << 20) else ""
-    return f"{where}: {type(exc).__name__}: {exc}{hint}"
-
-
 def _gather(mine, group, world_size: int) -> list:
     """Every rank's `mine` (any picklable value), in rank order, on every rank; also a barrier."""
     if world_size == 1:
@@ -180,108 +178,201 @@ def _agree(error: str | None, group, world_size: int) -> list[str]:
 
 
 def _nonfinite_tensors(named: dict[str, torch.Tensor]) -> list[str]:
-    return [name for name, tensor in named.items()
-            if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    """Names of the floating tensors holding a NaN or an infinity, with one host sync: each tensor's sum
+    is reduced where the tensor lives (any NaN or infinity makes it non-finite), and only a tensor whose
+    sum is not finite (also finite values overflowing it) is scanned element by element."""
+    floating = [(name, t.detach()) for name, t in named.items()
+                if t is not None and t.is_floating_point() and t.numel()]
+    if not floating:
+        return []
+    device = floating[0][1].device
+    sums = torch.stack([t.sum(dtype=torch.float32).to(device) for _, t in floating])
+    suspects = [pair for pair, finite in zip(floating, torch.isfinite(sums).tolist()) if not finite]
+    return [name for name, t in suspects if not bool(torch.isfinite(t).all())]
 
 
 def _refuse_nonfinite(folder: Path, engine, head, zero_stage: int, rank: int, world_size: int, group) -> None:
-    """A checkpoint never holds non-finite values: refuse before anything is written. Collective."""
-    named = {f"backbone.{k}": v for k, v in engine.module.state_dict().items()}
-    named.update({"head.weight": head.weight, "head.prototypes": head.prototypes})
-    bad = _nonfinite_tensors(named) if zero_stage < 3 else _nonfinite_tensors(
-        {"head.weight": head.weight, "head.prototypes": head.prototypes})
+    """A checkpoint never holds non-finite values: refuse before anything is captured. Collective."""
+    named = {"head.weight": head.weight, "head.prototypes": head.prototypes}
+    if zero_stage < 3:
+        named.update({f"backbone.{k}": v for k, v in engine.module.state_dict().items()})
+    bad = _nonfinite_tensors(named)
     errors = _agree(f"rank {rank}: non-finite values in {', '.join(bad[:5])}" if bad else None, group, world_size)
     if errors:
         raise CheckpointSaveError(f"not saving {folder}: {'; '.join(errors)}")
 
 
-def _save_engine(engine, root: Path, staging: Path, folder: Path, train_state: dict, rank: int) -> None:
-    """DeepSpeed's files of the checkpoint, into `staging`."""
+_CAPTURE_ENGINE = None
+
+
+def _capture_engine_class():
+    """A DeepSpeed CheckpointEngine whose save() captures the state dict into the snapshot instead of
+    writing it; loading stays with DeepSpeed's own engine (built lazily: DeepSpeed is imported on use)."""
+    global _CAPTURE_ENGINE
+    if _CAPTURE_ENGINE is None:
+        from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+        class CaptureEngine(CheckpointEngine):
+            def __init__(self, inner, capture: Capture, staging: Path):
+                super().__init__()
+                self.name, self.inner, self.capture, self.staging = "lvface-capture", inner, capture, staging
+
+            def create(self, info):
+                pass
+
+            def makedirs(self, path, exist_ok=False):
+                pass  # the writer creates the folders it writes into
+
+            def save(self, state_dict, path: str):
+                self.capture.add_torch(os.path.relpath(path, self.staging), state_dict,
+                                       zipfile=getattr(self.inner, "zipfile_serialization", True))
+
+            def load(self, path: str, map_location=None):
+                return self.inner.load(path, map_location=map_location)
+
+            def commit(self, info):
+                return True
+
+        _CAPTURE_ENGINE = CaptureEngine
+    return _CAPTURE_ENGINE
+
+
+@contextmanager
+def _capturing(engine, capture: Capture, staging: Path):
+    """DeepSpeed's save_checkpoint captures into `capture` for the duration. Its recovery scripts
+    (zero_to_fp32.py), which DeepSpeed copies into the folder above the tag, go into the tag folder
+    instead, where the manifest covers them."""
+    inner = engine.checkpoint_engine
+    engine.checkpoint_engine = _capture_engine_class()(inner, capture, staging)
+
+    def copy_recovery_script(save_path):
+        import deepspeed.utils
+
+        for script in ("zero_to_fp32.py", "zero_to_torch.py"):
+            source = Path(deepspeed.utils.__file__).parent / script
+            if source.is_file():
+                capture.add_copy(script, str(source))
+
+    engine._copy_recovery_script = copy_recovery_script
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = inner
+        del engine._copy_recovery_script  # the class's method again
+
+
+def capture_checkpoint(capture: Capture, root: Path, staging: Path, *, engine, head, head_optimizer, config_yaml: str,
+                       train_state: dict, zero_stage: int, rank: int) -> None:
+    """Every file of this rank's part of the checkpoint into `capture` (DeepSpeed's through its
+    checkpoint engine, this rank's head shard; rank 0 the plain backbone, config and train state).
+    Collective (DeepSpeed's save and the master weights)."""
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
     # The (empty) universal-checkpoint info lets DeepSpeed's ds_to_universal convert this checkpoint
     # when it is resumed on another world size: a pure data-parallel backbone needs no patterns.
     client_state = {"lvface": train_state, UNIVERSAL_CHECKPOINT_INFO: {}}
-    try:
+    with _capturing(engine, capture, staging):
         engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
-    except Exception as exc:  # DeepSpeed's own writes: torch.save's errors name no path or reason
-        # No collective after this point: the other ranks stop at their next one (collective timeout).
-        reason = _describe_error(exc, staging)
-        if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise CheckpointSaveError(f"saving checkpoint {folder} failed while DeepSpeed wrote its files: "
-                                  f"{reason}; the previous checkpoint and {root / LATEST} "
-                                  f"are unchanged") from exc
-
-
-def _write_lvface_files(staging: Path, *, engine, head, head_optimizer, config_yaml: str, train_state: dict,
-                        zero_stage: int, rank: int) -> str | None:
-    """lvface's own files of the checkpoint (this rank's head shard; rank 0 the rest); this rank's error,
-    if any. Collective (the master weights)."""
-    try:
-        backbone = master_state_dict(engine, zero_stage)  # collective: every rank takes part
-        backbone = backbone if rank == 0 else None
-        save_head_shard(staging, head, head_optimizer, extra={"samples_seen": train_state["samples_seen"]},
-                        barrier=False)
-        if rank == 0:
-            atomic_torch_save(backbone, staging / BACKBONE_FILE)
-            atomic_write_text(staging / CONFIG_FILE, config_yaml)
-            atomic_write_json(staging / TRAIN_STATE_FILE, train_state)
-    except (OSError, RuntimeError) as exc:
-        return f"rank {rank}: {_describe_error(exc, staging)}"
-    return None
-
-
-def _publish(root: Path, tag: str, staging: Path, train_state: dict, rank: int, world_size: int, group) -> list[str]:
-    """Hash the staged files (spread over the ranks); then rank 0 writes the manifest, renames the folder
-    into place and only then moves `latest`. Every rank's errors (none: published). Collective."""
-    names = checkpoint_files(staging)
-    error = None
-    try:
-        mine = describe_files(staging, names[rank::world_size])
-    except OSError as exc:
-        mine, error = {}, f"rank {rank}: {_describe_error(exc, staging)}"
-    errors = _agree(error, group, world_size)
-    if errors:
-        return errors
-    files = {k: v for part in _gather(mine, group, world_size) for k, v in part.items()}
+    backbone = master_state_dict(engine, zero_stage)  # collective: every rank takes part
+    capture.add_torch(shard_file_name(head.rank, head.world_size),
+                      shard_payload(head, head_optimizer, {"samples_seen": train_state["samples_seen"]}))
     if rank == 0:
-        try:
-            info = {"run_id": train_state["run_id"], "tag": tag, "samples_seen": train_state["samples_seen"],
-                    "world_size": world_size}
-            atomic_write_text(staging / MANIFEST, manifest_text(files, info))
-            os.replace(staging, root / tag)
-            atomic_write_text(root / LATEST, tag)
-        except OSError as exc:
-            error = f"rank 0: {_describe_error(exc, staging)}"
-    return _agree(error, group, world_size)
+        capture.add_torch(BACKBONE_FILE, backbone)
+        capture.add_bytes(CONFIG_FILE, config_yaml.encode())
+        capture.add_bytes(TRAIN_STATE_FILE, json_text(train_state).encode())
+    capture.finish()
 
 
-def save_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, config_yaml: str, train_state: dict,
-                    zero_stage: int, rank: int, world_size: int, group) -> Path:
-    """Write checkpoint `tag` on every rank (see the module docstring); returns its folder. Collective."""
-    folder = root / tag
-    run_id = train_state["run_id"]
+def commit_checkpoint(root: str, tag: str, staging: str, files: dict, info: dict, keep_last: int) -> list[str]:
+    """Rank 0's commit, once every rank's files are written and fsynced: the manifest (durable), the
+    staging folder renamed to `tag`, the folder and its parent fsynced, then `latest` (durable); only
+    then this run's older checkpoints are pruned. Returns the pruned tags. Runs in rank 0's writer
+    process (or inline on the synchronous path)."""
+    root_path, staging_path = Path(root), Path(staging)
+    atomic_write_text(staging_path / MANIFEST, manifest_text(files, info), durable=True)
+    os.replace(staging_path, root_path / tag)
+    fsync_dir(root_path / tag)
+    fsync_dir(root_path)
+    atomic_write_text(root_path / LATEST, tag, durable=True)
+    return prune_checkpoints(root_path, keep_last, info["run_id"], keep=tag)
+
+
+def check_target(folder: Path, run_id: str) -> bool:
+    """Whether checkpoint `folder` still has to be written (False: this run's complete copy is there)."""
     if folder.exists():  # a resume sets later checkpoints aside: another run or process wrote this one
-        raise CheckpointSaveError(f"{folder} exists and is not the checkpoint this run resumed from: lvface never "
-                                  f"writes into an existing checkpoint folder; choose another train.output_dir")
-    _refuse_nonfinite(folder, engine, head, zero_stage, rank, world_size, group)
-    staging = root / f".{tag}.partial-{run_id}"
+        raise CheckpointSaveError(f"{folder} exists and is not the checkpoint this run ({run_id}) resumed from: "
+                                  f"lvface never writes into an existing checkpoint folder; choose another "
+                                  f"train.output_dir")
+    return True
+
+
+def _begin_save(root: Path, tag: str, *, engine, head, zero_stage: int, train_state: dict, rank: int,
+                world_size: int, group) -> Path | None:
+    """The staging folder of a save of `tag` (None: already complete), after the non-finite check and
+    rank 0's removal of a crashed save's leftovers. Collective."""
+    if not check_target(root / tag, train_state["run_id"]):
+        return None
+    staging = root / f".{tag}.partial-{train_state['run_id']}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)  # left by a save of this run that crashed
-    _save_engine(engine, root, staging, folder, train_state, rank)
-    errors = _agree(_write_lvface_files(staging, engine=engine, head=head, head_optimizer=head_optimizer,
-                                        config_yaml=config_yaml, train_state=train_state, zero_stage=zero_stage,
-                                        rank=rank), group, world_size)
-    errors = errors or _publish(root, tag, staging, train_state, rank, world_size, group)
-    if errors:
+    _refuse_nonfinite(root / tag, engine, head, zero_stage, rank, world_size, group)  # also a barrier
+    return staging
+
+
+def _capture_or_error(capture: Capture, root: Path, staging: Path, rank: int, **objects) -> str | None:
+    try:
+        capture_checkpoint(capture, root, staging, rank=rank, **objects)
+    except (OSError, RuntimeError) as exc:
+        return f"rank {rank}: {describe_error(exc, staging)}"
+    return None
+
+
+def _save_failed(root: Path, tag: str, staging: Path, errors: list[str], rank: int) -> CheckpointSaveError:
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    return CheckpointSaveError(f"saving checkpoint {root / tag} failed: {'; '.join(errors)}; the previous "
+                               f"checkpoint and {root / LATEST} are unchanged")
+
+
+def _manifest_info(tag: str, train_state: dict, world_size: int) -> dict:
+    return {"run_id": train_state["run_id"], "tag": tag, "samples_seen": train_state["samples_seen"],
+            "world_size": world_size}
+
+
+def save_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, config_yaml: str, train_state: dict,
+                    zero_stage: int, rank: int, world_size: int, group, keep_last: int = 0) -> Path | None:
+    """Write checkpoint `tag` synchronously on every rank (see the module docstring): each file hashed as
+    it is written and fsynced, then rank 0's commit; returns its folder, or None when this run already
+    holds a complete checkpoint of that name. Collective."""
+    staging = _begin_save(root, tag, engine=engine, head=head, zero_stage=zero_stage, train_state=train_state,
+                          rank=rank, world_size=world_size, group=group)
+    if staging is None:
+        return None
+    capture, files = Capture(pool=None), {}
+    error = _capture_or_error(capture, root, staging, rank, engine=engine, head=head, head_optimizer=head_optimizer,
+                              config_yaml=config_yaml, train_state=train_state, zero_stage=zero_stage)
+    if error is None:
+        try:
+            files = write_files(str(staging), capture.jobs, capture.storages)
+        except OSError as exc:
+            error = f"rank {rank}: {describe_error(exc, staging)}"
+    errors = _agree(error, group, world_size)
+    if not errors:
+        files = {k: v for part in _gather(files, group, world_size) for k, v in part.items()}
+        error, removed = None, []
         if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise CheckpointSaveError(f"saving checkpoint {folder} failed: {'; '.join(errors)}; the previous "
-                                  f"checkpoint and {root / LATEST} are unchanged")
-    log.info("checkpoint %s written", folder)
-    return folder
+            try:
+                removed = commit_checkpoint(str(root), tag, str(staging), files,
+                                            _manifest_info(tag, train_state, world_size), keep_last)
+            except OSError as exc:
+                error = f"rank 0: {describe_error(exc, staging)}"
+        errors = _agree(error, group, world_size)
+    if errors:
+        raise _save_failed(root, tag, staging, errors, rank)
+    log.info("checkpoint %s written%s", root / tag, f"; removed older checkpoints of this run: {', '.join(removed)}"
+             if rank == 0 and removed else "")
+    return root / tag
 
 
 def prune_checkpoints(root: Path, keep_last: int, run_id: str, keep: str) -> list[str]:
@@ -455,7 +546,7 @@ def _point_latest(root: Path) -> None:
     """`latest` names the newest checkpoint left in `root` (none left: no pointer). Rank 0 only."""
     remaining = list_tags(root)
     if remaining:
-        atomic_write_text(root / LATEST, remaining[-1])
+        atomic_write_text(root / LATEST, remaining[-1], durable=True)
     else:
         (root / LATEST).unlink(missing_ok=True)
 
@@ -477,7 +568,7 @@ def set_aside_later(root: Path, samples_seen: int, resumed: Path, *, rank: int, 
                 _point_latest(root)
         except OSError as exc:
             error = (f"setting aside the checkpoints after {resumed} ({', '.join(later)}) failed: "
-                     f"{_describe_error(exc, root / later[0])}")
+                     f"{describe_error(exc, root / later[0])}")
         answer = (later, aside, error)
     later, aside, error = _gather(answer, group, world_size)[0]
     if error:
@@ -584,6 +675,15 @@ class Checkpointer:
         self.run_id = ""
         self.selected: tuple[Path, str] | None = None
         self.engine_root: Path | None = None
+        self.writer: Writer | None = None  # this rank's writer process, started by the first background save
+        self.pool: BufferPool | None = None
+        self.inflight: _InFlight | None = None
+        self.waits = 0
+        self.current_step = 0
+        """Saves that were due while the previous one was still being written (and waited for it)."""
+        self.history: list[dict] = []
+        """One record per save: tag, mode, step, stall_s (what the step boundary waited for: the snapshot, or
+        the whole synchronous save), committed_step; a background save also write_s (snapshot to commit)."""
 
     def resume(self) -> TrainState | None:
         """The saved state of the checkpoint to resume (checkpoint.resume; verified against its manifest, a
@@ -622,11 +722,47 @@ class Checkpointer:
             load_checkpoint(*self.selected, engine=engine, head=head, head_optimizer=head_optimizer,
                             engine_root=self.engine_root)
         self.engine, self.head, self.head_optimizer = engine, head, head_optimizer
+        if self.cfg.async_save and multiprocessing.current_process().daemon:
+            log.warning("checkpoint.async_save: this rank runs in a daemonic process, which cannot start a writer "
+                        "process; checkpoints are written synchronously")
+            self.cfg = dataclasses.replace(self.cfg, async_save=False)
+        if self.cfg.async_save:  # started now, its imports overlap the first steps
+            self.pool = BufferPool(shared=True)
+            self._ensure_writer()
+
+    def _ensure_writer(self) -> None:
+        """A live writer process (a new one, fed every buffer again, when the last one died idle)."""
+        if self.writer is not None and self.writer.process.is_alive():
+            return
+        if self.writer is not None:
+            log.warning("checkpoint writer process %d ended (exit code %s) between saves: starting another",
+                        self.writer.pid, self.writer.process.exitcode)
+            self._drop_writer()
+        self.writer = Writer()
+        self.pool.unsent = dict(self.pool.buffers)
+        log.info("checkpoint writer process %d started", self.writer.pid)
+
+    def _drop_writer(self) -> None:
+        """Kill this rank's writer (a failed save: its unfinished job and answer are abandoned)."""
+        if self.writer is not None:
+            self.writer.close(abandon=True)
+            self.writer = None
 
     def save(self, state: TrainState, force: bool = False) -> Path | None:
         """Write `state` with the loaded objects' tensors when forced or at the interval; returns the
-        checkpoint's folder, or None when none was due."""
-        if not (force or (self.cfg.every_steps and state.step % self.cfg.every_steps == 0)):
+        checkpoint's folder, or None when none was due. Called at every step boundary: it also advances
+        a background save in flight (one tiny all-reduce while one is). A forced save (the end, a
+        preemption) returns once it is committed; with checkpoint.async_save a save at the interval returns
+        after the snapshot and is committed at a later step boundary."""
+        due = force or bool(self.cfg.every_steps and state.step % self.cfg.every_steps == 0)
+        self.current_step = state.step
+        if self.inflight is not None:
+            if due:
+                log.info("checkpoint %s is due while %s is still being written: waiting for it",
+                         tag_for(state.samples_seen), self.inflight.tag)
+                self.waits += 1
+            self._advance(wait=due)
+        if not due:
             return None
         tag = tag_for(state.samples_seen)
         if self.selected is not None and (self.root / tag).resolve() == (self.selected[0] / self.selected[1]).resolve():
@@ -634,19 +770,138 @@ class Checkpointer:
             log.info("checkpoint %s already holds this state (resumed, no step since): not written again",
                      self.root / tag)
             return self.root / tag
+        if not self.cfg.async_save:
+            start = time.perf_counter()
+            with self.metrics.timer("checkpoint_save"):
+                folder = save_checkpoint(self.root, tag, engine=self.engine, head=self.head,
+                                         head_optimizer=self.head_optimizer, config_yaml=self.config_yaml,
+                                         train_state=state.state_dict(), zero_stage=zero_stage(self.ds_config),
+                                         rank=self.rank, world_size=self.world_size, group=self.group,
+                                         keep_last=self.cfg.keep_last)
+            self.metrics.count("checkpoints")
+            self._barrier()
+            self.history.append({"tag": tag, "mode": "sync", "step": state.step, "stall_s": time.perf_counter() - start,
+                                 "committed_step": state.step})
+            return folder or self.root / tag
         with self.metrics.timer("checkpoint_save"):
-            folder = save_checkpoint(self.root, tag, engine=self.engine, head=self.head,
-                                     head_optimizer=self.head_optimizer, config_yaml=self.config_yaml,
-                                     train_state=state.state_dict(), zero_stage=zero_stage(self.ds_config),
-                                     rank=self.rank, world_size=self.world_size, group=self.group)
-        self.metrics.count("checkpoints")
-        if self.rank == 0:
-            removed = prune_checkpoints(self.root, self.cfg.keep_last, self.run_id, keep=tag)
-            if removed:
-                log.info("removed older checkpoints of this run: %s", ", ".join(removed))
+            self._snapshot(tag, state)
+        if force:
+            while self.inflight is not None:
+                self._advance(wait=True)
+            self._barrier()
+        return self.root / tag
+
+    def _barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier(group=self.group)
-        return folder
+
+    def _snapshot(self, tag: str, state: TrainState) -> bool:
+        """Capture checkpoint `tag` into the reused buffers and hand it to this rank's writer; False when
+        this run already holds it complete. Collective."""
+        train_state = state.state_dict()
+        start = time.perf_counter()
+        staging = _begin_save(self.root, tag, engine=self.engine, head=self.head, zero_stage=zero_stage(self.ds_config),
+                              train_state=train_state, rank=self.rank, world_size=self.world_size, group=self.group)
+        if staging is None:
+            return False
+        self._ensure_writer()
+        capture = Capture(self.pool)
+        error = _capture_or_error(capture, self.root, staging, self.rank, engine=self.engine, head=self.head,
+                                  head_optimizer=self.head_optimizer, config_yaml=self.config_yaml,
+                                  train_state=train_state, zero_stage=zero_stage(self.ds_config))
+        if error is None:
+            try:
+                self.writer.send_buffers(self.pool)
+                self.writer.submit(write_files, folder=str(staging), jobs=capture.jobs)
+            except OSError as exc:  # the writer died since the check above
+                error = f"rank {self.rank}: the checkpoint writer process cannot take the job: {exc}"
+        errors = _agree(error, self.group, self.world_size)
+        if errors:
+            self._drop_writer()
+            raise _save_failed(self.root, tag, staging, errors, self.rank)
+        self.inflight = _InFlight(tag=tag, staging=staging, train_state=train_state, step=state.step,
+                                  stall_s=time.perf_counter() - start, started=time.perf_counter())
+        self.history.append(self.inflight.record)
+        return True
+
+    def _advance(self, wait: bool) -> None:
+        """Move the save in flight on by what every rank's writer has finished (agreed by one all-reduce);
+        with `wait`, until it is committed. Collective."""
+        while self.inflight is not None:
+            flight = self.inflight
+            mine = flight.writing or (self.rank == 0)
+            if mine and flight.answer is None:
+                flight.answer = self._local_answer(wait)
+            busy = mine and flight.answer is None
+            failed = flight.answer is not None and flight.answer[0] == "error"
+            flags = torch.tensor([float(busy), float(failed)], device=self.head.weight.device)
+            if self.world_size > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+            if flags[1]:
+                self.inflight = None
+                self._drop_writer()  # no rank's writer may still write into the folder rank 0 removes
+                errors = _agree(flight.answer[1] if failed else None, self.group, self.world_size)
+                raise _save_failed(self.root, flight.tag, flight.staging, errors, self.rank)
+            if flags[0]:
+                if not wait:
+                    return
+                continue
+            self._next_phase(flight)
+
+    def _local_answer(self, wait: bool):
+        try:
+            while True:
+                answer = self.writer.poll(timeout=1.0 if wait else 0.0)
+                if answer is not None or not wait:
+                    return answer
+        except WriterDied as exc:
+            return ("error", f"rank {self.rank}: {exc}")
+
+    def _next_phase(self, flight: "_InFlight") -> None:
+        """Every rank's files are written: rank 0 hands the commit to its writer. Committed: done."""
+        if flight.writing:
+            files = {k: v for part in _gather(flight.answer[1], self.group, self.world_size) for k, v in part.items()}
+            flight.writing, flight.answer = False, None
+            flight.record["written_step"] = self.current_step
+            if self.rank == 0:
+                self.writer.submit(commit_checkpoint, root=str(self.root), tag=flight.tag, staging=str(flight.staging),
+                                   files=files, info=_manifest_info(flight.tag, flight.train_state, self.world_size),
+                                   keep_last=self.cfg.keep_last)
+            return
+        removed = flight.answer[1] if self.rank == 0 else []
+        flight.record.update(write_s=time.perf_counter() - flight.started, committed_step=self.current_step)
+        self.inflight = None
+        self.metrics.count("checkpoints")
+        log.info("checkpoint %s written in the background (%.2f s after the snapshot)%s", self.root / flight.tag,
+                 flight.record["write_s"], f"; removed older checkpoints of this run: {', '.join(removed)}"
+                 if removed else "")
+
+    def close(self) -> None:
+        """Finish the save in flight (collective) and stop the writer process."""
+        while self.inflight is not None:
+            self._advance(wait=True)
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+@dataclass
+class _InFlight:
+    """A background save between its snapshot and its commit."""
+
+    tag: str
+    staging: Path
+    train_state: dict
+    step: int
+    stall_s: float
+    started: float
+    writing: bool = True
+    """Every rank's writer is writing; False: rank 0's writer is committing."""
+    answer: tuple | None = None
+    record: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.record.update(tag=self.tag, mode="async", step=self.step, stall_s=self.stall_s)
 
 
 def _reshard_command(args) -> int:

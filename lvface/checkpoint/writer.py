@@ -1,0 +1,300 @@
+"""Checkpoint files from a snapshot: captured at the step boundary, written by a background process.
+
+A save is split in two. At the step boundary the trainer *captures* each file's object (DeepSpeed's
+state dicts through `CaptureEngine`, the head shard, the plain backbone, the small text files): the
+object is pickled with every tensor storage replaced by a reference, and each storage's bytes are
+copied into a reused host buffer (`BufferPool`, shared memory; pinned on CUDA). That copy is all the
+step waits for. The `Writer` process then rebuilds each object over the buffers and `torch.save`s it
+with DeepSpeed's own serialization setting, so the files keep DeepSpeed's format and load wherever
+DeepSpeed's do (the zip's internal folder is named `archive/` instead of after the file, as for any
+torch.save into a stream; torch.load ignores it). Every file is hashed (SHA-256) as its bytes are
+written and fsynced; the manifest is built from those digests, no file is read back.
+
+Why a process: a writer thread competes with the training step for the GIL (pickling, hashing and
+the write loop hold it) and doubled the step time in a prototype; a separate process (started by
+'spawn', since the trainer may hold CUDA and gloo state that must not be forked) only shares the
+CPU, and runs at a lower scheduling priority. It is long-lived (one per rank), fed through a pipe:
+buffers are sent to it once (torch's shared-memory handles) and every later save only sends the
+small pickled structure. A killed writer is seen as a dead process with its job unanswered.
+
+With `checkpoint.async_save=false` the same captured jobs are written in the trainer's process
+(`write_files`), from the live tensors without the copy.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import io
+import logging
+import os
+import pickle
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from lvface.files import durable_write, fsync_dir
+
+log = logging.getLogger(__name__)
+
+
+class BufferPool:
+    """Host buffers for the snapshot, one per (file, storage ordinal), reused from save to save
+    (reallocated only when a storage's size changes). `shared=True` puts them in shared memory for
+    the writer process; buffers not yet sent to it are in `unsent`."""
+
+    def __init__(self, shared: bool):
+        self.shared = shared
+        self.buffers: dict[tuple[str, int], torch.Tensor] = {}
+        self.unsent: dict[tuple[str, int], torch.Tensor] = {}
+
+    def copy_in(self, key: tuple[str, int], storage: torch.UntypedStorage) -> None:
+        nbytes = storage.nbytes()
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() != nbytes:
+            # allocated in shared memory directly: share_memory_() would allocate twice and copy
+            memory = torch.UntypedStorage._new_shared(nbytes) if self.shared and nbytes else torch.UntypedStorage(nbytes)
+            buffer = torch.empty(0, dtype=torch.uint8).set_(memory, 0, (nbytes,), (1,))
+            if storage.device.type == "cuda" and nbytes:
+                _pin(buffer)
+            self.buffers[key] = self.unsent[key] = buffer
+        if nbytes:
+            source = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (nbytes,), (1,))
+            buffer.copy_(source, non_blocking=storage.device.type == "cuda")
+
+
+def _pin(buffer: torch.Tensor) -> None:
+    """Page-lock a shared host buffer so that device-to-host copies run at full speed (best effort)."""
+    try:
+        torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+    except (RuntimeError, AttributeError) as exc:
+        log.debug("cannot pin a checkpoint buffer (%s): copies run at pageable speed", exc)
+
+
+class _CapturePickler(pickle.Pickler):
+    """Pickles an object with every tensor storage replaced by ('storage', key, dtype)."""
+
+    def __init__(self, stream, name: str, capture: "Capture"):
+        super().__init__(stream, protocol=pickle.HIGHEST_PROTOCOL)
+        self.name, self.capture, self.seen = name, capture, {}
+
+    def persistent_id(self, obj):
+        if isinstance(obj, torch.storage.TypedStorage):
+            untyped, dtype = obj._untyped_storage, obj.dtype
+        elif isinstance(obj, torch.UntypedStorage):
+            untyped, dtype = obj, None
+        else:
+            return None
+        key = self.seen.get(untyped._cdata)
+        if key is None:  # one buffer per storage: views of one storage stay views of one buffer
+            key = self.seen[untyped._cdata] = (self.name, len(self.seen))
+            self.capture.take(key, untyped)
+        return ("storage", key, dtype)
+
+
+class Capture:
+    """The files of one checkpoint on this rank, as jobs for `write_files`. With a `pool` the
+    storages are copied into its buffers (the snapshot); without one the live storages are kept
+    (the synchronous path writes them before the step continues)."""
+
+    def __init__(self, pool: BufferPool | None):
+        self.pool, self.jobs, self.storages = pool, [], {}
+
+    def take(self, key, storage: torch.UntypedStorage) -> None:
+        if self.pool is not None:
+            self.pool.copy_in(key, storage)
+        else:
+            self.storages[key] = storage
+
+    def add_torch(self, name: str, obj, zipfile: bool = True) -> None:
+        """`torch.save(obj)` as file `name` (relative to the checkpoint folder)."""
+        stream = io.BytesIO()
+        _CapturePickler(stream, name, self).dump(obj)
+        self.jobs.append(("torch", name, stream.getvalue(), zipfile))
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        self.jobs.append(("bytes", name, data, None))
+
+    def add_copy(self, name: str, source: str) -> None:
+        self.jobs.append(("copy", name, source, None))
+
+    def finish(self) -> None:
+        """Wait for device-to-host copies (CUDA): the tensors may change once the step goes on."""
+        if self.pool is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+
+class _RebuildUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, storages: dict):
+        super().__init__(io.BytesIO(data))
+        self.storages = storages
+
+    def persistent_load(self, pid):
+        _, key, dtype = pid
+        found = self.storages[key]
+        untyped = found if isinstance(found, torch.UntypedStorage) else found.untyped_storage()
+        return untyped if dtype is None else torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype,
+                                                                          _internal=True)
+
+
+def write_files(folder: str, jobs: list, storages: dict) -> dict[str, dict]:
+    """Write the captured `jobs` into `folder` (created), each file fsynced and hashed as written, then
+    fsync the folders; returns {name: {size, sha256}}."""
+    folder_path = Path(folder)
+    written, folders = {}, {folder_path}
+    for kind, name, data, zipfile in jobs:
+        path = folder_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folders.add(path.parent)
+        if kind == "torch":
+            obj = _RebuildUnpickler(data, storages).load()
+            written[name] = durable_write(path, lambda f, obj=obj, z=zipfile: torch.save(
+                obj, f, _use_new_zipfile_serialization=z))
+            del obj
+        elif kind == "bytes":
+            written[name] = durable_write(path, lambda f, data=data: f.write(data))
+        else:
+            written[name] = durable_write(path, lambda f, data=data: _copy_from(data, f))
+    for each in folders:
+        fsync_dir(each)
+    return written
+
+
+def _copy_from(source: str, handle) -> None:
+    with open(source, "rb") as src:
+        shutil.copyfileobj(src, handle, 1 << 20)
+
+
+# --------------------------------------------------------------------------------------------------
+# the writer process
+# --------------------------------------------------------------------------------------------------
+
+
+def _writer_main(conn) -> None:
+    """The writer process: runs ('run', function, kwargs) jobs in order, answering ('ok', result) or
+    ('error', message); ('buffers', {key: tensor}) adds snapshot buffers; exits on ('close',) or
+    when the trainer's end of the pipe closes."""
+    # A stop signal sent to the whole process group (a preempted job) is the trainer's to handle: it still
+    # needs this process to finish and commit its preemption checkpoint. The trainer ends this process
+    # by closing the pipe (or kills it).
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(number, signal.SIG_IGN)
+    try:
+        os.nice(10)  # the training step comes first on a shared CPU
+    except OSError:
+        pass
+    torch.set_num_threads(1)
+    buffers: dict = {}
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message[0] == "close":
+            return
+        if message[0] == "buffers":
+            buffers.update(message[1])
+            continue
+        _, function, kwargs = message
+        try:
+            if function is write_files:
+                kwargs = dict(kwargs, storages=buffers)
+            result = ("ok", function(**kwargs))
+        except Exception as exc:  # reported to the trainer, which fails the save on every rank
+            result = ("error", describe_error(exc, Path(kwargs.get("folder") or kwargs.get("staging") or ".")))
+        try:
+            conn.send(result)
+        except (BrokenPipeError, OSError):
+            return
+
+
+def describe_error(exc: BaseException, where: Path) -> str:
+    """A failed write as 'path: reason', a full disk with the space left."""
+    if isinstance(exc, OSError):
+        path = exc.filename or where
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.ENOSPC:
+            reason = f"no space left on device ({shutil.disk_usage(where.parent).free >> 20} MiB free)"
+        return f"{path}: {reason}"
+    try:
+        free = shutil.disk_usage(where.parent).free
+    except OSError:
+        free = None
+    hint = f" (no space left on device: {free >> 20} MiB free)" if free is not None and free < (64 << 20) else ""
+    return f"{where}: {type(exc).__name__}: {exc}{hint}"
+
+
+class WriterDied(RuntimeError):
+    """The writer process ended with a job unanswered (killed, out of memory)."""
+
+
+class Writer:
+    """This rank's writer process: one job at a time, in order; `poll()` and `wait()` collect answers."""
+
+    def __init__(self):
+        import torch.multiprocessing as mp  # registers torch's shared-memory reductions for the pipe
+
+        context = mp.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_writer_main, args=(child,), daemon=True, name="lvface-ckpt-writer")
+        self.process.start()
+        child.close()
+        self.pending = 0
+        # Before multiprocessing's own exit handler, which would wait for a writer that ignores SIGTERM:
+        # on any way out that did not close() it, the writer's unfinished job is abandoned.
+        atexit.register(self._abandon)
+
+    def _abandon(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def send_buffers(self, pool: BufferPool) -> None:
+        if pool.unsent:
+            self.conn.send(("buffers", dict(pool.unsent)))
+            pool.unsent.clear()
+
+    def submit(self, function, **kwargs) -> None:
+        self.conn.send(("run", function, kwargs))
+        self.pending += 1
+
+    def poll(self, timeout: float = 0.0):
+        """The next answer (('ok', result) or ('error', message)) if one arrives within `timeout` s, else
+        None; raises WriterDied when the process is gone with a job unanswered."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.conn.poll(min(max(deadline - time.monotonic(), 0.0), 1.0)):
+                    answer = self.conn.recv()
+                    self.pending -= 1
+                    return answer
+            except (EOFError, OSError):  # the process is gone: its end of the pipe closed
+                self.process.join(timeout=10)
+                raise self._died() from None
+            if not self.process.is_alive():
+                raise self._died()
+            if time.monotonic() >= deadline:
+                return None
+
+    def _died(self) -> WriterDied:
+        return WriterDied(f"the checkpoint writer process (pid {self.process.pid}) died with exit code "
+                          f"{self.process.exitcode} before finishing its job")
+
+    def close(self, abandon: bool = False) -> None:
+        """Stop the process after its jobs (or at once, abandoning them)."""
+        if self.process.is_alive() and not abandon:
+            try:
+                self.conn.send(("close",))
+            except (BrokenPipeError, OSError):
+                pass
+            self.process.join(timeout=60)
+        self._abandon()
+        atexit.unregister(self._abandon)
+        self.conn.close()
