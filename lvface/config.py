@@ -319,7 +319,7 @@ class CheckpointConfig:
     every_steps: int = 0
     """Optimizer steps between checkpoints; 0 saves only at the end."""
     keep_last: int = 2
-    """Checkpoints kept; older ones are removed after a newer one is complete."""
+    """Checkpoints kept; older ones are removed after a newer one is complete (0: every one is kept)."""
     resume: str = ""
     """'' starts fresh, 'auto' resumes from output_dir's latest checkpoint if any, or a checkpoint path."""
     init_backbone: str = ""
@@ -491,7 +491,7 @@ RANGES: dict[str, dict[str, Range]] = {
               # the stacks are dumped before the collective timeout ends the run; 0 turns the watchdog off
               "hang_dump_fraction": _OPEN_FRACTION},
     "eval": {"every_steps": _NON_NEGATIVE, "batch_size": _POSITIVE},
-    "checkpoint": {"every_steps": _NON_NEGATIVE, "keep_last": _POSITIVE},
+    "checkpoint": {"every_steps": _NON_NEGATIVE, "keep_last": (lambda v: v >= 0, "zero (keep every checkpoint) or more")},
     "metrics": {"prometheus_port": (lambda v: 0 <= v <= 65535, "a TCP port, or 0 to disable the exporter")},
 }
 

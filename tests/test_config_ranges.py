@@ -22,7 +22,7 @@ DEMO = REPO / "configs" / "demo.yaml"
     ("train.max_steps=-5", "train.max_steps"), ("train.epochs=0", "train.epochs"),
     ("optimizer.lr=-0.001", "optimizer.lr"), ("optimizer.betas=[0.9,1.5]", "optimizer.betas"),
     ("train.log_every=0", "train.log_every"), ("eval.batch_size=0", "eval.batch_size"),
-    ("data.crop_p=1.5", "data.crop_p"), ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+    ("data.crop_p=1.5", "data.crop_p"), ("checkpoint.keep_last=-1", "checkpoint.keep_last"),
     ("schedule.min_lr_ratio=2", "schedule.min_lr_ratio"), ("metrics.prometheus_port=70000", "metrics.prometheus_port"),
 ])
 def test_out_of_range_values_name_their_key(override, key):
