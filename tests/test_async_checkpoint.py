@@ -46,18 +46,11 @@ def _capture_and_deepspeed(rank, world_size, group, out):
     from lvface.checkpoint.manager import capture_checkpoint
     from lvface.checkpoint.writer import BufferPool, Capture, write_files
     from lvface.config import from_dict
-    from lvface.engine import build_ds_config, build_engine, param_groups, train_step
-    from lvface.heads import ShardedMarginHead, build_head_optimizer
-    from lvface.models import build_vit
-    from lvface.models.vit import no_weight_decay_names
+    from lvface.engine import train_step
+    from step_probe import tiny_engine_and_head
 
     cfg = from_dict({"data": {"batch_size": 4}, "train": {"precision": "fp32"}})
-    torch.manual_seed(0)
-    model = build_vit("vit_demo", embed_dim=32, depth=2)
-    engine = build_engine(model, build_ds_config(REPO / "configs" / "zero2.json", cfg, world_size, torch.device("cpu")),
-                          param_groups(model, 0.1, no_weight_decay_names(model)), lambda s: 1.0)
-    head = ShardedMarginHead(12, 512, cfg.loss, group=group, seed=0)
-    head_optimizer = build_head_optimizer(head, cfg.optimizer)
+    engine, head, head_optimizer = tiny_engine_and_head(cfg, world_size, group)
     batch = torch.randn(4, 3, 112, 112), torch.randint(0, 12, (4,))
     train_step(engine, head, head_optimizer, lambda: batch, accumulation=1, group=group)
     out = Path(out)

@@ -356,20 +356,13 @@ def _nonfinite_steps(rank, world_size, group, checkpoint_dir):
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world_size))
     from lvface.checkpoint.manager import CheckpointSaveError, save_checkpoint
     from lvface.config import from_dict
-    from lvface.engine import NonFiniteSteps, NonFiniteTraining, build_ds_config, build_engine, param_groups, train_step
-    from lvface.heads import ShardedMarginHead, build_head_optimizer
-    from lvface.models import build_vit
-    from lvface.models.vit import no_weight_decay_names
+    from lvface.engine import NonFiniteSteps, NonFiniteTraining, train_step
+    from step_probe import tiny_engine_and_head
 
     cfg = from_dict({"data": {"batch_size": 4}, "train": {"grad_clip": 0.0, "precision": "fp32"},
                      "loss": {"stages": [{"name": "s", "end_epoch": 1, "sample_rate": 1.0, "centers": "both",
                                           "prototype_weight": 0.5}]}})
-    torch.manual_seed(0)
-    model = build_vit("vit_demo", embed_dim=32, depth=2)
-    engine = build_engine(model, build_ds_config(REPO / "configs" / "zero2.json", cfg, world_size, torch.device("cpu")),
-                          param_groups(model, 0.1, no_weight_decay_names(model)), lambda s: 1.0)
-    head = ShardedMarginHead(12, 512, cfg.loss, group=group, seed=0)
-    head_optimizer = build_head_optimizer(head, cfg.optimizer)
+    engine, head, head_optimizer = tiny_engine_and_head(cfg, world_size, group)
     generator = torch.Generator().manual_seed(rank)
 
     def next_batch():
