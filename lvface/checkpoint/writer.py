@@ -31,7 +31,9 @@ import os
 import pickle
 import shutil
 import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -231,6 +233,27 @@ class WriterDied(RuntimeError):
     """The writer process ended with a job unanswered (killed, out of memory)."""
 
 
+@contextmanager
+def _stop_signals_ignored_by_children():
+    """Children started in the block ignore the stop signals from their first instruction: an ignored
+    disposition survives fork and exec, and Python then installs no KeyboardInterrupt handler. A Ctrl-C
+    or SIGTERM to the whole process group while a spawned writer still imports must not kill it before
+    _writer_main ignores them itself. This process blocks them meanwhile and receives any that arrived
+    once its own handlers are back."""
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be changed from the main thread
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    handlers = {number: signal.signal(number, signal.SIG_IGN) for number in stops}
+    try:
+        yield
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 class Writer:
     """This rank's writer process: one job at a time, in order; `poll()` and `wait()` collect answers."""
 
@@ -240,7 +263,8 @@ class Writer:
         context = mp.get_context("spawn")
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_writer_main, args=(child,), daemon=True, name="lvface-ckpt-writer")
-        self.process.start()
+        with _stop_signals_ignored_by_children():
+            self.process.start()
         child.close()
         self.pending = 0
         # Before multiprocessing's own exit handler, which would wait for a writer that ignores SIGTERM:
