@@ -3,7 +3,7 @@
 0: done. 75 (EXIT_PREEMPTED): stopped by a signal after a checkpoint; requeue and resume. 130: stopped by
 Ctrl-C after a checkpoint (no requeue). 2: the input
 is wrong (config, files, a busy output folder): the line says what to fix. 1: the run failed (a save,
-non-finite training, a dead or hung peer). Anything else is a bug and keeps its traceback.
+non-finite training, a dead or hung peer, a write of the run folder). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch.distributed as dist
 from lvface.checkpoint.manager import CheckpointSaveError
 from lvface.config import ConfigError
 from lvface.engine import NonFiniteTraining
+from lvface.files import FileWriteError
 from lvface.distributed import report_error
 from lvface.preemption import Preempted
 from lvface.run_lock import OutputFolderLocked
@@ -28,7 +29,8 @@ class CollectiveFailed(RuntimeError):
     """A collective failed or timed out: another rank is dead, stopped or hung."""
 
 
-RUN_ERRORS = (CheckpointSaveError, NonFiniteTraining, CollectiveFailed)
+RUN_ERRORS = (CheckpointSaveError, NonFiniteTraining, CollectiveFailed, FileWriteError)
+"""A failed write of the run's own files (a full disk meeting the metrics log, say) is one of these too."""
 
 
 @contextmanager

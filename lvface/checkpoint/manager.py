@@ -45,6 +45,7 @@ just written.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -684,6 +685,17 @@ class Checkpointer:
         self.history: list[dict] = []
         """One record per save: tag, mode, step, stall_s (what the step boundary waited for: the snapshot, or
         the whole synchronous save), committed_step; a background save also write_s (snapshot to commit)."""
+        atexit.register(self._abandon_inflight)
+
+    def _abandon_inflight(self) -> None:
+        """At the exit of a process that failed elsewhere (a full disk meeting the metrics log, say) while a
+        background save was in flight: its writer is ended and rank 0 removes the staging folder, so no
+        half-written checkpoint is left; `latest` still names the last committed one."""
+        if self.inflight is not None:
+            self._drop_writer()
+            if self.rank == 0:
+                shutil.rmtree(self.inflight.staging, ignore_errors=True)
+            self.inflight = None
 
     def resume(self) -> TrainState | None:
         """The saved state of the checkpoint to resume (checkpoint.resume; verified against its manifest, a
