@@ -378,9 +378,7 @@ class ShardedMarginHead(nn.Module):
         self.loss_cfg = loss_cfg
         self.margin = margin_from_config(loss_cfg)
         self.impl, self.seed = loss_cfg.impl, seed
-        self.head_dtype = getattr(loss_cfg, "head_dtype", "auto")
-        if self.head_dtype not in HEAD_DTYPES:
-            raise ValueError(f"loss.head_dtype={self.head_dtype!r} is unknown; choose one of {', '.join(HEAD_DTYPES)}")
+        self.head_dtype = loss_cfg.head_dtype  # checked by loss_cfg.validate() above
         self.operand_dtype: torch.dtype | None = None
         """The dtype the kernels read, resolved from loss.head_dtype at the first forward."""
         self._operands: dict[str, tuple[int, int, torch.Tensor]] = {}  # name -> (data_ptr, version, bf16 copy)
