@@ -4,12 +4,19 @@ For each size (the demo model; ViT-T with 500k classes) and each mode (checkpoin
 it spawns --ranks processes running lvface's own Trainer (the same code as a real run) for --steps
 steps with a checkpoint every --every steps (and the forced one at the end), and records per mode:
 
-    stall_s              what the step boundary waited for per save (the snapshot in async mode, the whole
-                         save in sync mode), the slowest rank; mean and max over the interval saves
+    stall_s              what a save cost the run at its step boundary (the snapshot in async mode, the
+                         whole save in sync mode): from the moment the last rank arrived to the moment the
+                         last rank left (wall clock; the ranks share one machine's clock); mean and max over
+                         the interval saves. The ranks' skew before it is not counted: the first rank to
+                         arrive would wait for the last in the next step's gradient all-reduce anyway
+    stall_rank_s         the same per rank, from its own arrival (skew included), the slowest rank
+    phases_s             async: the snapshot's parts (non-finite check, DeepSpeed's capture, backbone, head
+                         shard copy, hand-over, agreement), mean over the interval saves, slowest rank
     write_s              async: snapshot to commit of each interval save (rank 0)
     median_step_s        the median step time over the run (rank 0; checkpoint time is not in a step)
     during_write_step_s  async: mean step time of the steps that ran while a background write was in
                          flight; `during_write_ratio` = that / median_step_s
+    quiet_step_s         async: the median of the other steps (none in flight; the first step left out)
     waits                saves that were due while the previous one was still being written
     wall_s               the whole run: Trainer construction to its end (slowest rank)
 
@@ -122,20 +129,27 @@ def run_mode(size: str, mode: str, args: argparse.Namespace, tmp: Path, steps: i
 def summarize(size: str, mode: str, ranks: list[dict], steps: int, every: int) -> dict:
     first = ranks[0]
     interval = [i for i, save in enumerate(first["saves"]) if save["step"] < steps]  # not the forced last one
-    stalls = [max(r["saves"][i]["stall_s"] for r in ranks) for i in interval]
+    stalls = [max(r["saves"][i]["left"] for r in ranks) - max(r["saves"][i]["arrived"] for r in ranks)
+              for i in interval]
+    rank_stalls = [max(r["saves"][i]["stall_s"] for r in ranks) for i in interval]
     step_s = first["steps"]  # step_s[k] is step k + 1
-    during = [step_s[k - 1] for i in interval for k in range(first["saves"][i]["step"] + 1,
-                                                             first["saves"][i]["committed_step"] + 1)]
+    writing = {k for i in interval for k in range(first["saves"][i]["step"] + 1, first["saves"][i]["committed_step"] + 1)}
+    during = [step_s[k - 1] for k in sorted(writing)]
+    quiet = [step_s[k - 1] for k in range(2, len(step_s) + 1) if k not in writing]  # not the first (warm-up)
     median = statistics.median(step_s)
     record = {"size": size, "mode": mode, "steps": steps, "every_steps": every, "saves": len(first["saves"]),
               "stall_s": statistics.mean(stalls) if stalls else None, "stall_max_s": max(stalls, default=None),
+              "stall_rank_s": statistics.mean(rank_stalls) if rank_stalls else None,
               "last_save_s": max(r["saves"][-1]["stall_s"] for r in ranks), "median_step_s": median,
               "waits": first["waits"], "wall_s": max(r["wall_s"] for r in ranks)}
     if mode == "async":
         record["write_s"] = [first["saves"][i].get("write_s") for i in interval]
+        record["phases_s"] = {name: statistics.mean(max(r["saves"][i]["phases"][name] for r in ranks) for i in interval)
+                              for name in first["saves"][interval[0]]["phases"]} if interval else {}
         record["steps_during_write"] = len(during)
         record["during_write_step_s"] = statistics.mean(during) if during else None
         record["during_write_ratio"] = statistics.mean(during) / median if during else None
+        record["quiet_step_s"] = statistics.median(quiet) if quiet else None
     return record
 
 
@@ -150,6 +164,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             pair = {mode: run_mode(size, mode, args, Path(tmp), steps, every) for mode in ("async", "sync")}
             if pair["async"]["stall_s"] and pair["sync"]["stall_s"]:
                 pair["async"]["stall_ratio"] = pair["async"]["stall_s"] / pair["sync"]["stall_s"]
+                pair["async"]["stall_rank_ratio"] = pair["async"]["stall_rank_s"] / pair["sync"]["stall_rank_s"]
             for record in pair.values():
                 record.update(ranks=args.ranks, machine=f"{platform.processor() or platform.machine()}, "
                               f"{os.cpu_count()} cores", torch=torch.__version__)

@@ -328,8 +328,9 @@ class CheckpointConfig:
     async_save: bool = True
     """Write checkpoints in a background process per rank: a step waits only for a copy of the tensors into
     host memory; the files are written, fsynced, hashed and committed while training goes on (the end's
-    and a preemption's save are committed before the run exits). false: every rank writes before the next
-    step. (Not `async`: a Python keyword cannot be a config field.)"""
+    and a preemption's save are committed before the run exits). The host buffers (the size of the rank's
+    checkpoint) are allocated at the start. false: every rank writes before the next step. (Not `async`:
+    a Python keyword cannot be a config field.)"""
 
     def validate(self, where: str = "checkpoint") -> None:
         """Every value of the right type is usable."""

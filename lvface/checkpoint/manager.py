@@ -173,8 +173,22 @@ def _gather(mine, group, world_size: int) -> list:
     return parts
 
 
+def _collective_device(group) -> torch.device:
+    """Where a small tensor for a collective on `group` lives (NCCL takes only the current GPU's)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _agree(error: str | None, group, world_size: int) -> list[str]:
-    """Every rank's error (None = fine) on every rank; also a barrier."""
+    """Every rank's error (None = fine) on every rank; also a barrier. One one-element all-reduce when
+    every rank is fine (the messages are gathered only when one is not): it is in every save's stall."""
+    if world_size == 1:
+        return [error] if error else []
+    flag = torch.tensor([float(error is not None)], device=_collective_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if not flag.item():
+        return []
     return [e for e in _gather(error, group, world_size) if e]
 
 
@@ -192,13 +206,18 @@ def _nonfinite_tensors(named: dict[str, torch.Tensor]) -> list[str]:
     return [name for name, t in suspects if not bool(torch.isfinite(t).all())]
 
 
-def _refuse_nonfinite(folder: Path, engine, head, zero_stage: int, rank: int, world_size: int, group) -> None:
-    """A checkpoint never holds non-finite values: refuse before anything is captured. Collective."""
+def _nonfinite_error(engine, head, zero_stage: int, rank: int) -> str | None:
+    """This rank's refusal to save (a checkpoint never holds non-finite values), or None."""
     named = {"head.weight": head.weight, "head.prototypes": head.prototypes}
     if zero_stage < 3:
         named.update({f"backbone.{k}": v for k, v in engine.module.state_dict().items()})
     bad = _nonfinite_tensors(named)
-    errors = _agree(f"rank {rank}: non-finite values in {', '.join(bad[:5])}" if bad else None, group, world_size)
+    return f"rank {rank}: non-finite values in {', '.join(bad[:5])}" if bad else None
+
+
+def _refuse_nonfinite(folder: Path, engine, head, zero_stage: int, rank: int, world_size: int, group) -> None:
+    """A checkpoint never holds non-finite values: refuse before anything is captured. Collective."""
+    errors = _agree(_nonfinite_error(engine, head, zero_stage, rank), group, world_size)
     if errors:
         raise CheckpointSaveError(f"not saving {folder}: {'; '.join(errors)}")
 
@@ -272,16 +291,18 @@ def capture_checkpoint(capture: Capture, root: Path, staging: Path, *, engine, h
     # The (empty) universal-checkpoint info lets DeepSpeed's ds_to_universal convert this checkpoint
     # when it is resumed on another world size: a pure data-parallel backbone needs no patterns.
     client_state = {"lvface": train_state, UNIVERSAL_CHECKPOINT_INFO: {}}
-    with _capturing(engine, capture, staging):
+    with capture.phase("deepspeed_s"), _capturing(engine, capture, staging):
         engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
-    backbone = master_state_dict(engine, zero_stage)  # collective: every rank takes part
-    capture.add_torch(shard_file_name(head.rank, head.world_size),
-                      shard_payload(head, head_optimizer, {"samples_seen": train_state["samples_seen"]}))
-    if rank == 0:
-        capture.add_torch(BACKBONE_FILE, backbone)
-        capture.add_bytes(CONFIG_FILE, config_yaml.encode())
-        capture.add_bytes(TRAIN_STATE_FILE, json_text(train_state).encode())
-    capture.finish()
+    with capture.phase("backbone_s"):
+        backbone = master_state_dict(engine, zero_stage)  # collective: every rank takes part
+        if rank == 0:
+            capture.add_torch(BACKBONE_FILE, backbone)
+            capture.add_bytes(CONFIG_FILE, config_yaml.encode())
+            capture.add_bytes(TRAIN_STATE_FILE, json_text(train_state).encode())
+    with capture.phase("head_s"):
+        capture.add_torch(shard_file_name(head.rank, head.world_size),
+                          shard_payload(head, head_optimizer, {"samples_seen": train_state["samples_seen"]}))
+        capture.finish()
 
 
 def commit_checkpoint(root: str, tag: str, staging: str, files: dict, info: dict, keep_last: int) -> list[str]:
@@ -307,13 +328,27 @@ def check_target(folder: Path, run_id: str) -> bool:
     return True
 
 
+def staging_folder(root: Path, tag: str, run_id: str) -> Path:
+    """Where this run writes checkpoint `tag` before the commit renames it."""
+    return root / f".{tag}.partial-{run_id}"
+
+
+def _remove_own_staging(root: Path, run_id: str) -> list[str]:
+    """Staging folders a crashed process of this run left (a save killed before its commit)."""
+    removed = []
+    for path in root.glob(f".samples*.partial-{run_id}") if root.is_dir() else []:
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    return removed
+
+
 def _begin_save(root: Path, tag: str, *, engine, head, zero_stage: int, train_state: dict, rank: int,
                 world_size: int, group) -> Path | None:
     """The staging folder of a save of `tag` (None: already complete), after the non-finite check and
     rank 0's removal of a crashed save's leftovers. Collective."""
     if not check_target(root / tag, train_state["run_id"]):
         return None
-    staging = root / f".{tag}.partial-{train_state['run_id']}"
+    staging = staging_folder(root, tag, train_state["run_id"])
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)  # left by a save of this run that crashed
@@ -741,6 +776,25 @@ class Checkpointer:
         if self.cfg.async_save:  # started now, its imports overlap the first steps
             self.pool = BufferPool(shared=True)
             self._ensure_writer()
+            if self.rank == 0:  # no save is in flight yet: a staging folder of this run is a crashed save's
+                removed = _remove_own_staging(self.root, self.run_id)
+                if removed:
+                    log.info("removed the unfinished saves of an earlier process of this run: %s", ", ".join(removed))
+            self._allocate_buffers()  # also the barrier after the removal
+
+    def _allocate_buffers(self) -> None:
+        """Capture once now, writing nothing, so that the snapshot buffers exist (allocated, faulted in,
+        pinned on CUDA) before the first save: allocating 2.2 GB per rank (ViT-T, 500k classes) inside
+        the first save stalled it 5.8 s against 0.3 s for a save into warm buffers. Collective."""
+        start = time.perf_counter()
+        capture = Capture(self.pool)
+        state = TrainState(run_id=self.run_id).state_dict()
+        capture_checkpoint(capture, self.root, staging_folder(self.root, "buffers", self.run_id), engine=self.engine,
+                           head=self.head, head_optimizer=self.head_optimizer, config_yaml=self.config_yaml,
+                           train_state=state, zero_stage=zero_stage(self.ds_config), rank=self.rank)
+        size = sum(buffer.numel() for buffer in self.pool.buffers.values())
+        log.info("checkpoint snapshot buffers: %.2f GB on this rank, allocated in %.2f s", size / 1e9,
+                 time.perf_counter() - start)
 
     def _ensure_writer(self) -> None:
         """A live writer process (a new one, fed every buffer again, when the last one died idle)."""
@@ -783,7 +837,7 @@ class Checkpointer:
                      self.root / tag)
             return self.root / tag
         if not self.cfg.async_save:
-            start = time.perf_counter()
+            arrived, start = time.time(), time.perf_counter()
             with self.metrics.timer("checkpoint_save"):
                 folder = save_checkpoint(self.root, tag, engine=self.engine, head=self.head,
                                          head_optimizer=self.head_optimizer, config_yaml=self.config_yaml,
@@ -793,7 +847,7 @@ class Checkpointer:
             self.metrics.count("checkpoints")
             self._barrier()
             self.history.append({"tag": tag, "mode": "sync", "step": state.step, "stall_s": time.perf_counter() - start,
-                                 "committed_step": state.step})
+                                 "arrived": arrived, "left": time.time(), "committed_step": state.step})
             return folder or self.root / tag
         with self.metrics.timer("checkpoint_save"):
             self._snapshot(tag, state)
@@ -811,28 +865,34 @@ class Checkpointer:
         """Capture checkpoint `tag` into the reused buffers and hand it to this rank's writer; False when
         this run already holds it complete. Collective."""
         train_state = state.state_dict()
-        start = time.perf_counter()
-        staging = _begin_save(self.root, tag, engine=self.engine, head=self.head, zero_stage=zero_stage(self.ds_config),
-                              train_state=train_state, rank=self.rank, world_size=self.world_size, group=self.group)
-        if staging is None:
-            return False
+        arrived, start = time.time(), time.perf_counter()
+        check_target(self.root / tag, self.run_id)
+        staging = staging_folder(self.root, tag, self.run_id)  # a crashed save's was removed by load()
+        capture, stage = Capture(self.pool), zero_stage(self.ds_config)
+        with capture.phase("check_s"):  # agreed with the capture's errors below: one collective, not two
+            error = _nonfinite_error(self.engine, self.head, stage, self.rank)
         self._ensure_writer()
-        capture = Capture(self.pool)
+        # every rank captures, a refusing one too: DeepSpeed's save_checkpoint is collective
         error = _capture_or_error(capture, self.root, staging, self.rank, engine=self.engine, head=self.head,
                                   head_optimizer=self.head_optimizer, config_yaml=self.config_yaml,
-                                  train_state=train_state, zero_stage=zero_stage(self.ds_config))
+                                  train_state=train_state, zero_stage=stage) or error
         if error is None:
             try:
-                self.writer.send_buffers(self.pool)
-                self.writer.submit(write_files, folder=str(staging), jobs=capture.jobs)
+                with capture.phase("submit_s"):
+                    self.writer.send_buffers(self.pool)
+                    self.writer.submit(write_files, folder=str(staging), jobs=capture.jobs)
             except OSError as exc:  # the writer died since the check above
                 error = f"rank {self.rank}: the checkpoint writer process cannot take the job: {exc}"
-        errors = _agree(error, self.group, self.world_size)
+        with capture.phase("agree_s"):
+            errors = _agree(error, self.group, self.world_size)
         if errors:
-            self._drop_writer()
+            self._drop_writer()  # no writer may still write into the folder rank 0 removes
+            self._barrier()
             raise _save_failed(self.root, tag, staging, errors, self.rank)
         self.inflight = _InFlight(tag=tag, staging=staging, train_state=train_state, step=state.step,
                                   stall_s=time.perf_counter() - start, started=time.perf_counter())
+        self.inflight.record.update(arrived=arrived, left=time.time(),
+                                    phases={k: round(v, 4) for k, v in capture.phases.items()})
         self.history.append(self.inflight.record)
         return True
 

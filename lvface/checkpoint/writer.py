@@ -104,6 +104,16 @@ class Capture:
 
     def __init__(self, pool: BufferPool | None):
         self.pool, self.jobs, self.storages = pool, [], {}
+        self.phases: dict[str, float] = {}
+        """Seconds per part of the capture (the benchmark's breakdown of a stall)."""
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
 
     def take(self, key, storage: torch.UntypedStorage) -> None:
         if self.pool is not None:
