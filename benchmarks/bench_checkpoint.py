@@ -23,7 +23,7 @@ steps with a checkpoint every --every steps (and the forced one at the end), and
 and per size `stall_ratio` = async stall / sync stall (mean of the interval saves).
 
     python benchmarks/bench_checkpoint.py --json ckpt.json                    # demo and ViT-T + 500k classes
-    python benchmarks/bench_checkpoint.py --sizes demo --steps 12 --every 3
+    python benchmarks/bench_checkpoint.py --sizes demo --steps 12 --every 3   # writes overlapping saves
 
 Data: the demo size writes 100 synthetic identities; the 500k size writes one small noise JPEG per class
 (16 distinct images repeated; the pixels do not matter, the head's shard size does).
@@ -60,8 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=0, help="steps per run (default: 16 demo, 24 at 500k classes)")
-    parser.add_argument("--every", type=int, default=0, help="checkpoint.every_steps (default: 4 demo, 8 at 500k classes)")
+    parser.add_argument("--steps", type=int, default=0, help="steps per run (default: 32 demo, 24 at 500k classes)")
+    parser.add_argument("--every", type=int, default=0,
+                        help="checkpoint.every_steps (default: 8; a write then has the time it takes here, as saves "
+                             "minutes apart have in a real run)")
     parser.add_argument("--json", default=None, help="write the records to this JSON file")
     return parser.parse_args(argv)
 
@@ -159,8 +161,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     records = []
     with tempfile.TemporaryDirectory(prefix="bench_checkpoint_") as tmp:
         for size in args.sizes:
-            steps = args.steps or (24 if SIZES[size]["classes"] else 16)
-            every = args.every or (8 if SIZES[size]["classes"] else 4)
+            steps = args.steps or (24 if SIZES[size]["classes"] else 32)
+            every = args.every or 8
             pair = {mode: run_mode(size, mode, args, Path(tmp), steps, every) for mode in ("async", "sync")}
             if pair["async"]["stall_s"] and pair["sync"]["stall_s"]:
                 pair["async"]["stall_ratio"] = pair["async"]["stall_s"] / pair["sync"]["stall_s"]

@@ -104,6 +104,37 @@ def test_snapshot_files_hold_deepspeeds_records_and_the_state_at_the_snapshot(tm
         assert torch.equal(saved[key], value), key
 
 
+def _nan_snapshot(rank, world_size, group, out):
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world_size))
+    from lvface.checkpoint.manager import capture_checkpoint
+    from lvface.checkpoint.writer import BufferPool, Capture, NonFiniteSnapshot, write_files
+    from lvface.config import from_dict
+    from step_probe import tiny_engine_and_head
+
+    cfg = from_dict({"data": {"batch_size": 4}, "train": {"precision": "fp32"}})
+    engine, head, head_optimizer = tiny_engine_and_head(cfg, world_size, group)
+    with torch.no_grad():
+        head.weight[3, 1] = float("nan")
+        head_optimizer.exp_avg_sq[5, 0] = float("inf")
+    staging = Path(out) / "t"
+    capture = Capture(BufferPool(shared=False))
+    capture_checkpoint(capture, Path(out), staging, engine=engine, head=head, head_optimizer=head_optimizer,
+                       config_yaml="", train_state={"run_id": "r", "samples_seen": 4}, zero_stage=2, rank=0)
+    try:
+        write_files(str(staging), capture.jobs, capture.pool.buffers, check_finite=True)
+    except NonFiniteSnapshot as exc:
+        return {"error": str(exc), "written": sorted(p.name for p in staging.iterdir()) if staging.is_dir() else []}
+    return {"error": None}
+
+
+def test_the_writer_refuses_a_snapshot_holding_nan_and_names_the_tensors(tmp_path):
+    """A background save's NaN/Inf check runs in the writer, on the copy it writes: a poisoned head row
+    and optimizer moment are named, and the head shard is not written."""
+    result = run_on_ranks(_nan_snapshot, 1, str(tmp_path), timeout=300)[0]
+    assert result["error"] == "head_shard_00000_of_00001.pt holds non-finite values (NaN/Inf) in weight, exp_avg_sq"
+    assert "head_shard_00000_of_00001.pt" not in result["written"]
+
+
 # --------------------------------------------------------------------------------------------------
 # real training runs
 # --------------------------------------------------------------------------------------------------

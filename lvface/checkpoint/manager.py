@@ -68,7 +68,8 @@ from lvface.checkpoint.head import load_head_shards, shard_file_name, shard_payl
 from lvface.checkpoint.manifest import (MANIFEST, CheckpointCorrupt, check_files, manifest_digest, manifest_text,
                                         read_manifest)
 from lvface.checkpoint.state import TrainState
-from lvface.checkpoint.writer import BufferPool, Capture, Writer, WriterDied, describe_error, write_files
+from lvface.checkpoint.writer import (BufferPool, Capture, Writer, WriterDied, describe_error, nonfinite_leaves,
+                                     write_files)
 from lvface.config import CheckpointConfig, ConfigError
 from lvface.engine import zero_stage
 from lvface.files import atomic_write_text, fsync_dir, json_text
@@ -118,6 +119,11 @@ def plain_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def _masters_collective(engine, stage: int) -> bool:
+    """Whether `master_state_dict` communicates (every rank must then call it)."""
+    return engine.bfloat16_enabled() or engine.fp16_enabled() or stage == 3
+
+
 def master_state_dict(engine, stage: int) -> dict[str, torch.Tensor]:
     """The backbone's state_dict on the CPU in fp32, with every trained parameter taken from the
     optimizer's fp32 master copy, not the module's bf16/fp16 working copy cast up (which would round
@@ -131,9 +137,8 @@ def master_state_dict(engine, stage: int) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param
 
     module = engine.module
-    low_precision = engine.bfloat16_enabled() or engine.fp16_enabled()
     masters = {}
-    if low_precision or stage == 3:
+    if _masters_collective(engine, stage):
         for name, param in module.named_parameters():
             master = safe_get_full_fp32_param(param)  # None for a parameter the optimizer does not hold
             if master is not None:
@@ -206,18 +211,14 @@ def _nonfinite_tensors(named: dict[str, torch.Tensor]) -> list[str]:
     return [name for name, t in suspects if not bool(torch.isfinite(t).all())]
 
 
-def _nonfinite_error(engine, head, zero_stage: int, rank: int) -> str | None:
-    """This rank's refusal to save (a checkpoint never holds non-finite values), or None."""
+def _refuse_nonfinite(folder: Path, engine, head, zero_stage: int, rank: int, world_size: int, group) -> None:
+    """A checkpoint never holds non-finite values: refuse before anything is written (the synchronous
+    path; a background save's writer checks its copy). Collective."""
     named = {"head.weight": head.weight, "head.prototypes": head.prototypes}
     if zero_stage < 3:
         named.update({f"backbone.{k}": v for k, v in engine.module.state_dict().items()})
     bad = _nonfinite_tensors(named)
-    return f"rank {rank}: non-finite values in {', '.join(bad[:5])}" if bad else None
-
-
-def _refuse_nonfinite(folder: Path, engine, head, zero_stage: int, rank: int, world_size: int, group) -> None:
-    """A checkpoint never holds non-finite values: refuse before anything is captured. Collective."""
-    errors = _agree(_nonfinite_error(engine, head, zero_stage, rank), group, world_size)
+    errors = _agree(f"rank {rank}: non-finite values in {', '.join(bad[:5])}" if bad else None, group, world_size)
     if errors:
         raise CheckpointSaveError(f"not saving {folder}: {'; '.join(errors)}")
 
@@ -284,8 +285,9 @@ def _capturing(engine, capture: Capture, staging: Path):
 def capture_checkpoint(capture: Capture, root: Path, staging: Path, *, engine, head, head_optimizer, config_yaml: str,
                        train_state: dict, zero_stage: int, rank: int) -> None:
     """Every file of this rank's part of the checkpoint into `capture` (DeepSpeed's through its
-    checkpoint engine, this rank's head shard; rank 0 the plain backbone, config and train state).
-    Collective (DeepSpeed's save and the master weights)."""
+    checkpoint engine, this rank's head shard; the last rank the plain backbone, config and train state:
+    rank 0 already captures DeepSpeed's model states, and the step waits for the slowest rank).
+    Collective (DeepSpeed's save and, in bf16/fp16 or under ZeRO-3, the master weights)."""
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
     # The (empty) universal-checkpoint info lets DeepSpeed's ds_to_universal convert this checkpoint
@@ -294,8 +296,10 @@ def capture_checkpoint(capture: Capture, root: Path, staging: Path, *, engine, h
     with capture.phase("deepspeed_s"), _capturing(engine, capture, staging):
         engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
     with capture.phase("backbone_s"):
-        backbone = master_state_dict(engine, zero_stage)  # collective: every rank takes part
-        if rank == 0:
+        writes_backbone = rank == head.world_size - 1
+        if writes_backbone or _masters_collective(engine, zero_stage):
+            backbone = master_state_dict(engine, zero_stage)  # every rank takes part when it is collective
+        if writes_backbone:
             capture.add_torch(BACKBONE_FILE, backbone)
             capture.add_bytes(CONFIG_FILE, config_yaml.encode())
             capture.add_bytes(TRAIN_STATE_FILE, json_text(train_state).encode())
@@ -471,27 +475,6 @@ def _share(sizes: dict[str, int], rank: int, world_size: int) -> list[str]:
     return mine
 
 
-def _nonfinite_leaves(value, where: str) -> list[str]:
-    """Names (`where.key.key[i]`) of the floating tensors in a nested dict/list that hold NaN or Inf."""
-    if isinstance(value, torch.Tensor):
-        # min and max propagate NaN and show an Inf: one pass, no temporary of the tensor's size (measured
-        # on the 2-core machine: 6.4 GB/s, against 0.23 GB/s for isfinite().all())
-        bad = value.is_floating_point() and value.numel() > 0 and \
-            not bool(torch.isfinite(torch.stack(torch.aminmax(value))).all())
-        return [where] if bad else []
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, (list, tuple)):
-        items = ((f"[{i}]", item) for i, item in enumerate(value))
-    else:
-        return []
-    found = []
-    for key, item in items:
-        key = str(key)
-        found += _nonfinite_leaves(item, f"{where}{key}" if key.startswith("[") else f"{where}.{key}")
-    return found
-
-
 def nonfinite_tensors(folder: Path, names: list[str]) -> list[str]:
     """Problems (one line each, naming the file and the tensor) of the `.pt` files `names` of checkpoint
     `folder` holding NaN or Inf: the backbone, DeepSpeed's model and optimizer states, the head shards.
@@ -507,7 +490,7 @@ def nonfinite_tensors(folder: Path, names: list[str]) -> list[str]:
         except Exception as exc:  # torch raises several types for an unreadable file
             problems.append(f"{folder / name} is unreadable: {type(exc).__name__}: {exc}")
             continue
-        bad = [leaf.lstrip(".") for leaf in _nonfinite_leaves(state, "")]
+        bad = [leaf.lstrip(".") for leaf in nonfinite_leaves(state, "")]
         if bad:
             problems.append(f"{folder / name} holds non-finite values (NaN/Inf) in {', '.join(bad[:5])}"
                             + (f" and {len(bad) - 5} more tensors" if len(bad) > 5 else ""))
@@ -721,6 +704,15 @@ class Checkpointer:
         """One record per save: tag, mode, step, stall_s (what the step boundary waited for: the snapshot, or
         the whole synchronous save), committed_step; a background save also write_s (snapshot to commit)."""
         atexit.register(self._abandon_inflight)
+        if self.cfg.async_save and multiprocessing.current_process().daemon:
+            log.warning("checkpoint.async_save: this rank runs in a daemonic process, which cannot start a writer "
+                        "process; checkpoints are written synchronously")
+            self.cfg = dataclasses.replace(self.cfg, async_save=False)
+        if self.cfg.async_save:
+            # Started first: its interpreter and torch import (~2 s of CPU) overlap the rank's own start
+            # instead of its first steps, and it is ready for the first save
+            self.pool = BufferPool(shared=True)
+            self._ensure_writer()
 
     def _abandon_inflight(self) -> None:
         """At the exit of a process that failed elsewhere (a full disk meeting the metrics log, say) while a
@@ -769,13 +761,7 @@ class Checkpointer:
             load_checkpoint(*self.selected, engine=engine, head=head, head_optimizer=head_optimizer,
                             engine_root=self.engine_root)
         self.engine, self.head, self.head_optimizer = engine, head, head_optimizer
-        if self.cfg.async_save and multiprocessing.current_process().daemon:
-            log.warning("checkpoint.async_save: this rank runs in a daemonic process, which cannot start a writer "
-                        "process; checkpoints are written synchronously")
-            self.cfg = dataclasses.replace(self.cfg, async_save=False)
-        if self.cfg.async_save:  # started now, its imports overlap the first steps
-            self.pool = BufferPool(shared=True)
-            self._ensure_writer()
+        if self.cfg.async_save:
             if self.rank == 0:  # no save is in flight yet: a staging folder of this run is a crashed save's
                 removed = _remove_own_staging(self.root, self.run_id)
                 if removed:
@@ -868,19 +854,17 @@ class Checkpointer:
         arrived, start = time.time(), time.perf_counter()
         check_target(self.root / tag, self.run_id)
         staging = staging_folder(self.root, tag, self.run_id)  # a crashed save's was removed by load()
-        capture, stage = Capture(self.pool), zero_stage(self.ds_config)
-        with capture.phase("check_s"):  # agreed with the capture's errors below: one collective, not two
-            error = _nonfinite_error(self.engine, self.head, stage, self.rank)
+        capture = Capture(self.pool)
         self._ensure_writer()
-        # every rank captures, a refusing one too: DeepSpeed's save_checkpoint is collective
+        # NaN/Inf is looked for by the writer, in the copy it writes (write_files' check_finite), not here
         error = _capture_or_error(capture, self.root, staging, self.rank, engine=self.engine, head=self.head,
                                   head_optimizer=self.head_optimizer, config_yaml=self.config_yaml,
-                                  train_state=train_state, zero_stage=stage) or error
+                                  train_state=train_state, zero_stage=zero_stage(self.ds_config))
         if error is None:
             try:
                 with capture.phase("submit_s"):
                     self.writer.send_buffers(self.pool)
-                    self.writer.submit(write_files, folder=str(staging), jobs=capture.jobs)
+                    self.writer.submit(write_files, folder=str(staging), jobs=capture.jobs, check_finite=True)
             except OSError as exc:  # the writer died since the check above
                 error = f"rank {self.rank}: the checkpoint writer process cannot take the job: {exc}"
         with capture.phase("agree_s"):
@@ -924,6 +908,8 @@ class Checkpointer:
         try:
             while True:
                 answer = self.writer.poll(timeout=1.0 if wait else 0.0)
+                if answer is not None and answer[0] == "error":
+                    return ("error", f"rank {self.rank}: {answer[1]}")
                 if answer is not None or not wait:
                     return answer
         except WriterDied as exc:

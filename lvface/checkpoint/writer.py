@@ -29,11 +29,13 @@ import io
 import logging
 import os
 import pickle
+import queue
 import shutil
 import signal
 import threading
 import time
 from contextlib import contextmanager
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import torch
@@ -152,9 +154,36 @@ class _RebuildUnpickler(pickle.Unpickler):
                                                                           _internal=True)
 
 
-def write_files(folder: str, jobs: list, storages: dict) -> dict[str, dict]:
+def nonfinite_leaves(value, where: str) -> list[str]:
+    """Names (`where.key.key[i]`) of the floating tensors in a nested dict/list that hold NaN or Inf."""
+    if isinstance(value, torch.Tensor):
+        # min and max propagate NaN and show an Inf: one pass, no temporary of the tensor's size (measured
+        # on the 2-core machine: 6.4 GB/s, against 0.23 GB/s for isfinite().all())
+        bad = value.is_floating_point() and value.numel() > 0 and \
+            not bool(torch.isfinite(torch.stack(torch.aminmax(value))).all())
+        return [where] if bad else []
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = ((f"[{i}]", item) for i, item in enumerate(value))
+    else:
+        return []
+    found = []
+    for key, item in items:
+        key = str(key)
+        found += nonfinite_leaves(item, f"{where}{key}" if key.startswith("[") else f"{where}.{key}")
+    return found
+
+
+class NonFiniteSnapshot(ValueError):
+    """A snapshot holds NaN or Inf: the checkpoint is refused, not written."""
+
+
+def write_files(folder: str, jobs: list, storages: dict, check_finite: bool = False) -> dict[str, dict]:
     """Write the captured `jobs` into `folder` (created), each file fsynced and hashed as written, then
-    fsync the folders; returns {name: {size, sha256}}."""
+    fsync the folders; returns {name: {size, sha256}}. With `check_finite` every floating tensor of a file
+    is checked for NaN/Inf before the file is written (NonFiniteSnapshot names them): the background
+    writer checks the snapshot it writes, off the step's path."""
     folder_path = Path(folder)
     written, folders = {}, {folder_path}
     for kind, name, data, zipfile in jobs:
@@ -163,6 +192,10 @@ def write_files(folder: str, jobs: list, storages: dict) -> dict[str, dict]:
         folders.add(path.parent)
         if kind == "torch":
             obj = _RebuildUnpickler(data, storages).load()
+            bad = [leaf.lstrip(".") for leaf in nonfinite_leaves(obj, "")] if check_finite else []
+            if bad:
+                raise NonFiniteSnapshot(f"{path.name} holds non-finite values (NaN/Inf) in {', '.join(bad[:5])}"
+                                        + (f" and {len(bad) - 5} more tensors" if len(bad) > 5 else ""))
             written[name] = durable_write(path, lambda f, obj=obj, z=zipfile: torch.save(
                 obj, f, _use_new_zipfile_serialization=z))
             del obj
@@ -215,6 +248,8 @@ def _writer_main(conn) -> None:
             if function is write_files:
                 kwargs = dict(kwargs, storages=buffers)
             result = ("ok", function(**kwargs))
+        except NonFiniteSnapshot as exc:
+            result = ("error", f"not saved: {exc}")
         except Exception as exc:  # reported to the trainer, which fails the save on every rank
             result = ("error", describe_error(exc, Path(kwargs.get("folder") or kwargs.get("staging") or ".")))
         try:
@@ -277,6 +312,11 @@ class Writer:
             self.process.start()
         child.close()
         self.pending = 0
+        # Messages go out through a thread: the writer drains the pipe at its own lower priority, and a job
+        # larger than the pipe's buffer would otherwise hold the step until the writer got a core
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="lvface-ckpt-sender", daemon=True)
+        self._sender.start()
         # Before multiprocessing's own exit handler, which would wait for a writer that ignores SIGTERM:
         # on any way out that did not close() it, the writer's unfinished job is abandoned.
         atexit.register(self._abandon)
@@ -290,13 +330,30 @@ class Writer:
     def pid(self) -> int:
         return self.process.pid
 
+    def _send_loop(self) -> None:
+        while True:
+            data = self._outbox.get()
+            if data is None:
+                return
+            try:
+                self.conn.send_bytes(data)
+            except (BrokenPipeError, OSError):  # the process is gone: poll() reports it
+                return
+
+    def _send(self, message) -> None:
+        """Queue `message` for the process, pickled now (the objects may change once the step goes on)
+        with multiprocessing's pickler, which carries torch's shared-memory handles."""
+        if not self.process.is_alive():
+            raise BrokenPipeError(f"the checkpoint writer process (pid {self.pid}) is not running")
+        self._outbox.put(bytes(ForkingPickler.dumps(message)))
+
     def send_buffers(self, pool: BufferPool) -> None:
         if pool.unsent:
-            self.conn.send(("buffers", dict(pool.unsent)))
+            self._send(("buffers", dict(pool.unsent)))
             pool.unsent.clear()
 
     def submit(self, function, **kwargs) -> None:
-        self.conn.send(("run", function, kwargs))
+        self._send(("run", function, kwargs))
         self.pending += 1
 
     def poll(self, timeout: float = 0.0):
@@ -324,11 +381,10 @@ class Writer:
     def close(self, abandon: bool = False) -> None:
         """Stop the process after its jobs (or at once, abandoning them)."""
         if self.process.is_alive() and not abandon:
-            try:
-                self.conn.send(("close",))
-            except (BrokenPipeError, OSError):
-                pass
+            self._outbox.put(bytes(ForkingPickler.dumps(("close",))))
             self.process.join(timeout=60)
         self._abandon()
+        self._outbox.put(None)
+        self._sender.join(timeout=10)
         atexit.unregister(self._abandon)
         self.conn.close()
