@@ -281,7 +281,7 @@ def sync_batchnorm_buffers(module: torch.nn.Module, group, how: str = "average")
 
     Each rank's running statistics follow its own batches and nothing else syncs them (DeepSpeed
     averages gradients only), so without this an evaluation split over ranks mixes their statistics
-    while `backbone.pt`, the ONNX export and a resume carry rank 0's. Called before every evaluation
+    while `backbone.pt`, the ONNX export and a resume carry one rank's. Called before every evaluation
     and every save, so all of these see the same buffers. `how` (train.batchnorm_sync): "average" (the
     mean over ranks: the running mean becomes exactly the moving average of the global batch means)
     or "broadcast" (rank 0's, as torch DDP does at every forward). Integer buffers (the batch counter,
