@@ -68,7 +68,7 @@ from lvface.checkpoint.head import load_head_shards, shard_file_name, shard_payl
 from lvface.checkpoint.manifest import (MANIFEST, CheckpointCorrupt, check_files, manifest_digest, manifest_text,
                                         read_manifest)
 from lvface.checkpoint.state import TrainState
-from lvface.checkpoint.writer import (BufferPool, Capture, Writer, WriterDied, describe_error, nonfinite_leaves,
+from lvface.checkpoint.writer import (BufferPool, Capture, Writer, WriterDied, describe_error, nonfinite_problem,
                                      write_files)
 from lvface.config import CheckpointConfig, ConfigError
 from lvface.engine import zero_stage
@@ -323,13 +323,13 @@ def commit_checkpoint(root: str, tag: str, staging: str, files: dict, info: dict
     return prune_checkpoints(root_path, keep_last, info["run_id"], keep=tag)
 
 
-def check_target(folder: Path, run_id: str) -> bool:
-    """Whether checkpoint `folder` still has to be written (False: this run's complete copy is there)."""
+def refuse_existing(folder: Path, run_id: str) -> None:
+    """Refuse a save into an existing checkpoint folder. (The one a save may legitimately meet, the
+    checkpoint this process resumed from with no step since, is skipped before: Checkpointer.save.)"""
     if folder.exists():  # a resume sets later checkpoints aside: another run or process wrote this one
         raise CheckpointSaveError(f"{folder} exists and is not the checkpoint this run ({run_id}) resumed from: "
                                   f"lvface never writes into an existing checkpoint folder; choose another "
                                   f"train.output_dir")
-    return True
 
 
 def staging_folder(root: Path, tag: str, run_id: str) -> Path:
@@ -347,17 +347,12 @@ def _remove_own_staging(root: Path, run_id: str) -> list[str]:
 
 
 def _begin_save(root: Path, tag: str, *, engine, head, zero_stage: int, train_state: dict, rank: int,
-                world_size: int, group) -> Path | None:
-    """The staging folder of a save of `tag` (None: already complete), after the non-finite check and
-    rank 0's removal of a crashed save's leftovers. Collective."""
-    if not check_target(root / tag, train_state["run_id"]):
-        return None
-    staging = staging_folder(root, tag, train_state["run_id"])
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)  # left by a save of this run that crashed
-    _refuse_nonfinite(root / tag, engine, head, zero_stage, rank, world_size, group)  # also a barrier
-    return staging
+                world_size: int, group) -> Path:
+    """The staging folder of a save of `tag` (write_files creates it), after the non-finite check.
+    A crashed process's staging folder is removed by Checkpointer.load(). Collective."""
+    refuse_existing(root / tag, train_state["run_id"])
+    _refuse_nonfinite(root / tag, engine, head, zero_stage, rank, world_size, group)
+    return staging_folder(root, tag, train_state["run_id"])
 
 
 def _capture_or_error(capture: Capture, root: Path, staging: Path, rank: int, **objects) -> str | None:
@@ -381,14 +376,11 @@ def _manifest_info(tag: str, train_state: dict, world_size: int) -> dict:
 
 
 def save_checkpoint(root: Path, tag: str, *, engine, head, head_optimizer, config_yaml: str, train_state: dict,
-                    zero_stage: int, rank: int, world_size: int, group, keep_last: int = 0) -> Path | None:
+                    zero_stage: int, rank: int, world_size: int, group, keep_last: int = 0) -> Path:
     """Write checkpoint `tag` synchronously on every rank (see the module docstring): each file hashed as
-    it is written and fsynced, then rank 0's commit; returns its folder, or None when this run already
-    holds a complete checkpoint of that name. Collective."""
+    it is written and fsynced, then rank 0's commit; returns its folder. Collective."""
     staging = _begin_save(root, tag, engine=engine, head=head, zero_stage=zero_stage, train_state=train_state,
                           rank=rank, world_size=world_size, group=group)
-    if staging is None:
-        return None
     capture, files = Capture(pool=None), {}
     error = _capture_or_error(capture, root, staging, rank, engine=engine, head=head, head_optimizer=head_optimizer,
                               config_yaml=config_yaml, train_state=train_state, zero_stage=zero_stage)
@@ -490,10 +482,9 @@ def nonfinite_tensors(folder: Path, names: list[str]) -> list[str]:
         except Exception as exc:  # torch raises several types for an unreadable file
             problems.append(f"{folder / name} is unreadable: {type(exc).__name__}: {exc}")
             continue
-        bad = [leaf.lstrip(".") for leaf in nonfinite_leaves(state, "")]
-        if bad:
-            problems.append(f"{folder / name} holds non-finite values (NaN/Inf) in {', '.join(bad[:5])}"
-                            + (f" and {len(bad) - 5} more tensors" if len(bad) > 5 else ""))
+        problem = nonfinite_problem(state)
+        if problem:
+            problems.append(f"{folder / name} {problem}")
     return problems
 
 
@@ -761,12 +752,14 @@ class Checkpointer:
             load_checkpoint(*self.selected, engine=engine, head=head, head_optimizer=head_optimizer,
                             engine_root=self.engine_root)
         self.engine, self.head, self.head_optimizer = engine, head, head_optimizer
+        if self.rank == 0:  # no save has begun yet: a staging folder of this run is a crashed process's
+            removed = _remove_own_staging(self.root, self.run_id)
+            if removed:
+                log.info("removed the unfinished saves of an earlier process of this run: %s", ", ".join(removed))
         if self.cfg.async_save:
-            if self.rank == 0:  # no save is in flight yet: a staging folder of this run is a crashed save's
-                removed = _remove_own_staging(self.root, self.run_id)
-                if removed:
-                    log.info("removed the unfinished saves of an earlier process of this run: %s", ", ".join(removed))
             self._allocate_buffers()  # also the barrier after the removal
+        else:
+            self._barrier()
 
     def _allocate_buffers(self) -> None:
         """Capture once now, writing nothing, so that the snapshot buffers exist (allocated, faulted in,
@@ -834,7 +827,7 @@ class Checkpointer:
             self._barrier()
             self.history.append({"tag": tag, "mode": "sync", "step": state.step, "stall_s": time.perf_counter() - start,
                                  "arrived": arrived, "left": time.time(), "committed_step": state.step})
-            return folder or self.root / tag
+            return folder
         with self.metrics.timer("checkpoint_save"):
             self._snapshot(tag, state)
         if force:
@@ -847,13 +840,12 @@ class Checkpointer:
         if self.world_size > 1:
             dist.barrier(group=self.group)
 
-    def _snapshot(self, tag: str, state: TrainState) -> bool:
-        """Capture checkpoint `tag` into the reused buffers and hand it to this rank's writer; False when
-        this run already holds it complete. Collective."""
+    def _snapshot(self, tag: str, state: TrainState) -> None:
+        """Capture checkpoint `tag` into the reused buffers and hand it to this rank's writer. Collective."""
         train_state = state.state_dict()
         arrived, start = time.time(), time.perf_counter()
-        check_target(self.root / tag, self.run_id)
-        staging = staging_folder(self.root, tag, self.run_id)  # a crashed save's was removed by load()
+        refuse_existing(self.root / tag, self.run_id)
+        staging = staging_folder(self.root, tag, self.run_id)
         capture = Capture(self.pool)
         self._ensure_writer()
         # NaN/Inf is looked for by the writer, in the copy it writes (write_files' check_finite), not here
@@ -878,7 +870,6 @@ class Checkpointer:
         self.inflight.record.update(arrived=arrived, left=time.time(),
                                     phases={k: round(v, 4) for k, v in capture.phases.items()})
         self.history.append(self.inflight.record)
-        return True
 
     def _advance(self, wait: bool) -> None:
         """Move the save in flight on by what every rank's writer has finished (agreed by one all-reduce);

@@ -154,7 +154,7 @@ class _RebuildUnpickler(pickle.Unpickler):
                                                                           _internal=True)
 
 
-def nonfinite_leaves(value, where: str) -> list[str]:
+def _nonfinite_leaves(value, where: str) -> list[str]:
     """Names (`where.key.key[i]`) of the floating tensors in a nested dict/list that hold NaN or Inf."""
     if isinstance(value, torch.Tensor):
         # min and max propagate NaN and show an Inf: one pass, no temporary of the tensor's size (measured
@@ -171,8 +171,18 @@ def nonfinite_leaves(value, where: str) -> list[str]:
     found = []
     for key, item in items:
         key = str(key)
-        found += nonfinite_leaves(item, f"{where}{key}" if key.startswith("[") else f"{where}.{key}")
+        found += _nonfinite_leaves(item, f"{where}{key}" if key.startswith("[") else f"{where}.{key}")
     return found
+
+
+def nonfinite_problem(obj) -> str | None:
+    """'holds non-finite values (NaN/Inf) in <tensors>' for a loaded checkpoint file's object (its
+    floating tensors named by their keys, the first five), or None when every value is finite."""
+    bad = [leaf.lstrip(".") for leaf in _nonfinite_leaves(obj, "")]
+    if not bad:
+        return None
+    return (f"holds non-finite values (NaN/Inf) in {', '.join(bad[:5])}"
+            + (f" and {len(bad) - 5} more tensors" if len(bad) > 5 else ""))
 
 
 class NonFiniteSnapshot(ValueError):
@@ -192,10 +202,9 @@ def write_files(folder: str, jobs: list, storages: dict, check_finite: bool = Fa
         folders.add(path.parent)
         if kind == "torch":
             obj = _RebuildUnpickler(data, storages).load()
-            bad = [leaf.lstrip(".") for leaf in nonfinite_leaves(obj, "")] if check_finite else []
-            if bad:
-                raise NonFiniteSnapshot(f"{path.name} holds non-finite values (NaN/Inf) in {', '.join(bad[:5])}"
-                                        + (f" and {len(bad) - 5} more tensors" if len(bad) > 5 else ""))
+            problem = nonfinite_problem(obj) if check_finite else None
+            if problem:
+                raise NonFiniteSnapshot(f"{path.name} {problem}")
             written[name] = durable_write(path, lambda f, obj=obj, z=zipfile: torch.save(
                 obj, f, _use_new_zipfile_serialization=z))
             del obj
