@@ -50,6 +50,9 @@ up() {
     munged --force --key-file="$DIR/munge.key" --socket="$DIR/munge.sock" --pid-file="$DIR/munged.pid" \
         --log-file="$DIR/munged.log" --seed-file="$DIR/munged.seed" \
         || die "munged did not start: $(tail -3 "$DIR/munged.log" 2>/dev/null)"
+    # The CPUs this process may run on: GNU nproc caps its answer at OMP_NUM_THREADS, and a node
+    # configured with fewer CPUs than a job's tasks never starts it (pending: PartitionConfig)
+    CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     cat > "$CONF" <<CONF
 ClusterName=lvface
 SlurmctldHost=$NODE(127.0.0.1)
@@ -78,7 +81,7 @@ MpiDefault=none
 ReturnToService=2
 MinJobAge=3600
 KillWait=30
-NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$(nproc) State=UNKNOWN
+NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$CPUS State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
     slurmctld -f "$CONF" -c || die "slurmctld did not start: $(tail -5 "$DIR/slurmctld.log" 2>/dev/null)"
